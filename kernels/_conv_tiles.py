@@ -1,0 +1,93 @@
+"""Shared pieces of the grouped 3x3 conv kernels: tile choice, autotune configs, Triton helpers.
+
+All kernels work on channels-last (NHWC) activations and view the grouped convolution as an
+implicit GEMM per filter tap: for tap (kh, kw), ``acc[m, co] += x[pixel(m) + tap, ci] · w[co, ci]``,
+where ``w`` is *block-diagonal* over the groups a tile covers. Packing several groups into one
+tile is what lets ``tl.dot`` see K, N ≥ 16 even at 4 channels per group (ResNeXt 32x4d stage 1):
+the zeros off the diagonal multiply tensor-core work, which is cheap because every ResNeXt stage
+is memory-bound (see ``shared/KERNEL-NOTES.md``).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated; the launchers read this copy.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# Smallest tl.dot extent the GPU compiler accepts for 16-bit operands (the interpreter accepts
+# anything, which is why every tile below is clamped to it explicitly).
+MIN_DOT = 16
+MAX_CHANNEL_TILE = 64
+
+
+def channel_tiles(cin_per_group, cout_per_group):
+    """(BLOCK_CO, BLOCK_CI) for a kernel that tiles output channels and loops over input ones.
+
+    BLOCK_CO packs P = BLOCK_CO / cout_per_group whole groups when groups are narrow; BLOCK_CI
+    then covers exactly those groups' input channels, so the loop over input channels runs once.
+    """
+    block_co = min(MAX_CHANNEL_TILE, max(MIN_DOT, triton.next_power_of_2(cout_per_group)))
+    groups_per_tile = max(1, block_co // cout_per_group)
+    block_ci = min(MAX_CHANNEL_TILE, max(MIN_DOT, triton.next_power_of_2(cin_per_group * groups_per_tile)))
+    return block_co, block_ci
+
+
+def conv_configs(interpret=INTERPRET):
+    """Autotune configurations of the conv-like kernels (pixel tile, warps, pipeline stages).
+
+    The interpreter gets a single large pixel tile: it runs programs one after another, so fewer,
+    larger programs are much faster there, and one config means no benchmarking.
+    """
+    if interpret:
+        return [triton.Config({"BLOCK_M": 256}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+        for block_m, warps, stages in [
+            (64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3), (256, 4, 2),
+        ]
+    ]
+
+
+def shape_bucket(n):
+    """Bucket the batch size for autotune keys: bounded recompiles and re-tunes across batch sizes."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def group_channel_range(tile_start, TILE, C_TILED, TILED_PER_GROUP, OTHER_PER_GROUP):
+    """The channels on the *other* side of the block-diagonal weight that a channel tile needs.
+
+    A tile of TILE channels starting at ``tile_start`` (out of C_TILED, TILED_PER_GROUP per
+    group) touches groups [g_first, g_last]; returns their channel range on the other side.
+    """
+    g_first = tile_start // TILED_PER_GROUP
+    g_last = (tl.minimum(tile_start + TILE, C_TILED) - 1) // TILED_PER_GROUP
+    return g_first * OTHER_PER_GROUP, (g_last + 1) * OTHER_PER_GROUP
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc += a @ b`` in float32.
+
+    UPCAST works around Triton's interpreter, whose bfloat16 ``tl.dot`` returns garbage
+    (seen with triton 3.6-3.9): there the operands are widened to float32 first, which is exact.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def bn_relu_grad(dy, z, scale, shift, k1, k0, valid):
+    """Gradient w.r.t. the conv output z of ``relu(z·scale + shift)`` with BatchNorm's backward.
+
+    Per channel, dz = scale·g + k1·z + k0 with g = dy·[z·scale + shift > 0]; k1 = k0 = 0 for
+    frozen (eval-mode) BatchNorm. All float32; positions outside the tensor give exactly 0.
+    """
+    z = z.to(tl.float32)
+    g = tl.where(z * scale[None, :] + shift[None, :] > 0, dy.to(tl.float32), 0.0)
+    dz = g * scale[None, :] + z * k1[None, :] + k0[None, :]
+    return tl.where(valid, dz, 0.0)

@@ -1,0 +1,255 @@
+"""Fused grouped 3x3 convolution + BatchNorm + ReLU, forward and backward, in Triton.
+
+Computes exactly::
+
+    relu(batch_norm(conv2d(x, weight, None, stride, padding, 1, groups),
+                    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+
+* Inference (``training=False``, no grad needed): BatchNorm folds into a per-channel
+  scale = γ/√(var + eps) and shift = β − mean·scale, applied with the ReLU in the conv kernel's
+  epilogue: x is read once and y written once.
+* Training: the conv kernel writes z = conv(x) and float32 per-tile (mean, M2) partials; a small
+  kernel merges them, updates the running statistics (unbiased variance, like nn.BatchNorm2d)
+  and folds the batch statistics into scale/shift; a pointwise pass writes y = relu(z·scale + shift).
+  Under ``torch.no_grad`` z is not stored: the statistics pass writes nothing and a second conv
+  pass applies BN + ReLU in its epilogue.
+* Backward (training or frozen BN): see ``kernels/_bwd.py``. Saved: x, weight, z and four
+  per-channel vectors. No PyTorch convolution is called anywhere.
+
+Layout: the kernels work on channels-last (NHWC) tensors, an implicit GEMM per filter tap with
+several groups packed block-diagonally per tile (``kernels/_conv_tiles.py``). NCHW inputs are
+converted to channels-last on entry and the results back, which costs extra passes: feed
+channels-last tensors for speed.
+
+Limitations:
+* 3x3 filters, dilation 1, stride 1 or 2, symmetric integer padding; no conv bias (BatchNorm
+  follows). Other filters raise ValueError rather than falling back to PyTorch.
+* float32, float16, bfloat16 activations (float32 accumulation); BatchNorm tensors float32.
+  float32 convolutions use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` says cuDNN would.
+* CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` set before
+  this module is imported; see ``kernels.enable_interpreter``). The interpreter is slow and its
+  bfloat16 ``tl.dot`` is wrong, so bfloat16 dots are widened to float32 there.
+"""
+
+import torch
+import torch.nn as nn
+
+from . import _bwd, _fwd
+from ._conv_tiles import INTERPRET
+
+__all__ = ["grouped_conv_bn_relu", "grouped_conv_bn_relu_modules", "GroupedConvBNReLU"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum, training):
+    """Raise ValueError/TypeError naming the argument for anything the kernels do not compute."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("x and weight must be torch.Tensor")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be a 3x3 filter, got kernel size {tuple(weight.shape[2:])}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({c_in}) and the output "
+                         f"channels (weight.shape[0]={c_out})")
+    if weight.shape[1] != c_in // groups:
+        raise ValueError(f"weight.shape[1] must be C_in/groups = {c_in // groups}, got {weight.shape[1]}")
+    if stride not in (1, 2) or isinstance(stride, bool):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 2:
+        raise ValueError(f"padding must be an int in [0, 2] (the same on both sides), got {padding!r}")
+    h_out, w_out = ((s + 2 * padding - 3) // stride + 1 for s in x.shape[2:])
+    if x.shape[0] < 1 or h_out < 1 or w_out < 1:
+        raise ValueError(f"x of shape {tuple(x.shape)} gives an empty output with padding={padding}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    for name, t in bn_tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != c_out:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 1-D tensor of C_out={c_out} elements, got {shape}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 (BatchNorm statistics and affine parameters), got {t.dtype}")
+    for name, t in (("weight", weight), *bn_tensors.items()):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if x.device.type == "cpu" and not INTERPRET:
+        raise ValueError("x is a CPU tensor but Triton's interpreter is off: move the tensors to a CUDA "
+                         "GPU, or set TRITON_INTERPRET=1 (kernels.enable_interpreter()) before importing "
+                         "kernels.grouped_conv_bn_relu")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"x must be a CUDA tensor (or CPU under the interpreter), got device {x.device}")
+    if not training and (bn_tensors["running_mean"] is None or bn_tensors["running_var"] is None):
+        raise ValueError("running_mean and running_var are required when training=False")
+    if training and x.shape[0] * h_out * w_out < 2:
+        raise ValueError(f"training BatchNorm needs more than 1 value per channel, got output "
+                         f"{x.shape[0]}x{h_out}x{w_out} for x of shape {tuple(x.shape)}")
+
+
+class _GroupedConvBNReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var,
+                stride, padding, groups, eps, momentum, training, needs_grad):
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        w = weight.contiguous()
+        if training:
+            stats_store = _fwd.STORE_Z if needs_grad else _fwd.STORE_NOTHING
+            z, stats = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=stats_store,
+                                         compute_stats=True)
+            count = x.shape[0] * _fwd._out_size(x.shape[2], stride, padding) * _fwd._out_size(x.shape[3], stride, padding)
+            mean, invstd, scale, shift = _fwd.bn_stats(stats, count, bn_weight, bn_bias, running_mean,
+                                                       running_var, eps, momentum)
+        else:
+            # frozen statistics: fold them (a handful of per-channel float32 ops)
+            mean = running_mean
+            invstd = torch.rsqrt(running_var + eps)
+            scale = bn_weight * invstd
+            shift = bn_bias - mean * scale
+        if needs_grad:
+            if not training:
+                z, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_Z)
+            y = _fwd.bn_relu(z, scale, shift)
+            ctx.save_for_backward(x_cl, w, z, mean, invstd, scale, shift)
+            ctx.conf = (stride, padding, groups, training, x.shape)
+        else:
+            y, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_BN_RELU,
+                                     scale=scale, shift=shift)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return y
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, z, mean, invstd, scale, shift = ctx.saved_tensors
+        stride, padding, groups, training, x_shape = ctx.conf
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        if dy.dtype != z.dtype:
+            dy = dy.to(z.dtype)
+        sum_g, sum_gx = _bwd.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
+        if training:
+            count = z.shape[0] * z.shape[2] * z.shape[3]
+            k1 = -scale * invstd * sum_gx / count
+            k0 = -scale * sum_g / count - k1 * mean
+        else:
+            k1 = k0 = torch.zeros_like(scale)
+        coeffs = (scale, shift, k1, k0)
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        dx = dw = None
+        if need_x:
+            dx = _bwd.conv_dx(dy, z, w, coeffs, x_shape, groups, stride, padding)
+        if need_w:
+            dw = _bwd.conv_dw(x, dy, z, w, coeffs, groups, stride, padding)
+        # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
+        dgamma = sum_gx if need_gamma else None
+        dbeta = sum_g if need_beta else None
+        return dx, dw, dgamma, dbeta, None, None, None, None, None, None, None, None, None
+
+
+def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                         stride=1, padding=1, groups=1, eps=1e-5, momentum=0.1, training=False):
+    """``relu(batch_norm(conv2d(x, weight, None, stride, padding, 1, groups), ...))``, fused.
+
+    Args:
+        x: (N, C_in, H, W), NCHW-contiguous or channels_last; float32, float16 or bfloat16.
+        weight: (C_out, C_in/groups, 3, 3), x's dtype.
+        bn_weight, bn_bias: (C_out,) float32 BatchNorm affine parameters, or None (γ=1, β=0).
+        running_mean, running_var: (C_out,) float32 buffers, updated in place when ``training``;
+            may be None when training (like ``track_running_stats=False``).
+        stride, padding, groups, eps, momentum, training: as in conv2d / batch_norm.
+
+    Returns:
+        (N, C_out, H_out, W_out) in x's dtype and memory format.
+    """
+    bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
+    _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training)
+    c_out = weight.shape[0]
+    if bn_weight is None:
+        bn_weight = torch.ones(c_out, device=x.device, dtype=torch.float32)
+    if bn_bias is None:
+        bn_bias = torch.zeros(c_out, device=x.device, dtype=torch.float32)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    # decided here: inside Function.forward grad mode is always off
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, weight, bn_weight, bn_bias))
+    return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                    stride, padding, groups, eps, momentum, bool(training), needs_grad)
+
+
+def _check_modules(conv, bn):
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"expected an nn.Conv2d and an nn.BatchNorm2d, got {type(conv).__name__} "
+                        f"and {type(bn).__name__}")
+    if conv.bias is not None:
+        raise ValueError("conv must have bias=False (the BatchNorm that follows makes it redundant)")
+    if conv.kernel_size != (3, 3) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError(f"conv must be a 3x3 filter with dilation 1 and zero padding, got "
+                         f"kernel_size={conv.kernel_size}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}")
+    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in (1, 2):
+        raise ValueError(f"conv.stride must be (1, 1) or (2, 2), got {conv.stride}")
+    if isinstance(conv.padding, str) or conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"conv.padding must be symmetric integers, got {conv.padding}")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels ({conv.out_channels})")
+
+
+def grouped_conv_bn_relu_modules(x, conv, bn):
+    """Run an existing ``nn.Conv2d`` → ``nn.BatchNorm2d`` → ReLU through the fused kernels.
+
+    Does nn.BatchNorm2d's bookkeeping too: ``bn.training``, ``num_batches_tracked``, momentum=None
+    (cumulative moving average) and ``track_running_stats=False`` behave as in PyTorch.
+    """
+    _check_modules(conv, bn)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    # as nn.BatchNorm2d.forward: buffers that are not tracked are never updated
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if keep else None
+    running_var = bn.running_var if keep else None
+    return grouped_conv_bn_relu(
+        x, conv.weight, bn.weight, bn.bias, running_mean, running_var,
+        stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups, eps=bn.eps,
+        momentum=momentum, training=use_batch_stats)
+
+
+class GroupedConvBNReLU(nn.Module):
+    """``nn.Conv2d(3x3, groups) → nn.BatchNorm2d → ReLU`` computed by the fused Triton kernels.
+
+    Owns the two modules under the roles ``conv`` and ``bn``, so its state_dict has the keys of
+    the unfused pair (``kernels.reference.ConvBNReLU``) and checkpoints move freely between them.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, groups=1, padding=1, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+
+    @classmethod
+    def from_modules(cls, conv, bn):
+        """Wrap an existing pair; the modules (and so their parameters) are shared, not copied."""
+        _check_modules(conv, bn)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.conv = conv
+        module.bn = bn
+        return module
+
+    def forward(self, x):
+        return grouped_conv_bn_relu_modules(x, self.conv, self.bn)
