@@ -71,8 +71,9 @@ def _bwd_dx_kernel(
 ):
     # One program: BLOCK_M input pixels × BLOCK_CI input channels; for each tap, the output pixel
     # that read this input pixel through that tap (if any) contributes dz[pixel] · w[tap].
-    pid_m = tl.program_id(0)
-    pid_ci = tl.program_id(1)
+    num_ci_tiles = tl.cdiv(C_in, BLOCK_CI)
+    pid_m = tl.program_id(0) // num_ci_tiles
+    pid_ci = tl.program_id(0) % num_ci_tiles
     M = N * H * W
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -124,7 +125,7 @@ def _bwd_dw_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dw_part_ptr,  # (S, C_out, CIN_G, 9) float32 partials, one slice per pixel split
-    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G, STRIDE, PAD, CI_CHUNKS,
+    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G, STRIDE, PAD, CI_CHUNKS, SPLITS,
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
@@ -132,10 +133,12 @@ def _bwd_dw_kernel(
 ):
     # One program: split s of the output pixels, one tap, BLOCK_CO output channels ×
     # one BLOCK_CI chunk of the input channels of their groups: acc = Σ_m dz[m]ᵀ · x_tap[m].
-    pid_s = tl.program_id(0)
-    pid_co = tl.program_id(1) // CI_CHUNKS
-    chunk = tl.program_id(1) % CI_CHUNKS
-    tap = tl.program_id(2)
+    # (tap, channel tile) vary fastest: programs over the same pixel split run together
+    tiles_per_split = tl.cdiv(C_out, BLOCK_CO) * CI_CHUNKS * 9
+    pid_s = tl.program_id(0) // tiles_per_split
+    tap = tl.program_id(0) % 9
+    pid_co = (tl.program_id(0) % tiles_per_split) // 9 // CI_CHUNKS
+    chunk = (tl.program_id(0) % tiles_per_split) // 9 % CI_CHUNKS
     kh = tap // 3
     kw = tap % 3
     co_start = pid_co * BLOCK_CO
@@ -151,7 +154,7 @@ def _bwd_dw_kernel(
     k0 = tl.load(k0_ptr + offs_co, mask=mask_co, other=0.0)
 
     M = N * Ho * Wo
-    rows = tl.cdiv(tl.cdiv(M, tl.num_programs(0)), BLOCK_M) * BLOCK_M
+    rows = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_M) * BLOCK_M
     row_start = pid_s * rows
     row_end = tl.minimum(row_start + rows, M)
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
@@ -213,7 +216,7 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding):
     block_ci, block_co = channel_tiles(cout_g, cin_g)  # tiles the input side, loops the output side
     dx = torch.empty((n, c_in, h, w), device=z.device, dtype=weight.dtype,
                      memory_format=torch.channels_last)
-    grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_in, block_ci))
+    grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci),)
     _bwd_dx_kernel[grid](
         dy, z, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
         shape_bucket(n), BLOCK_CI=block_ci, BLOCK_CO=block_co,
@@ -235,9 +238,9 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding):
     ci_chunks = triton.cdiv(max(spans) * cin_g, block_ci)
     splits = _num_splits(n * ho * wo, x.device)
     dw_part = torch.zeros((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
-    _bwd_dw_kernel[(splits, co_tiles * ci_chunks, 9)](
+    _bwd_dw_kernel[(splits * co_tiles * ci_chunks * 9,)](
         x, dy, z, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
-        ci_chunks, shape_bucket(n), BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        ci_chunks, splits, shape_bucket(n), BLOCK_CO=block_co, BLOCK_CI=block_ci,
         UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
     )
     return dw_part.sum(0).view(c_out, cin_g, 3, 3).to(weight.dtype)

@@ -34,8 +34,10 @@ def _fwd_kernel(
 ):
     # One program: BLOCK_M output pixels × BLOCK_CO output channels (several whole groups when
     # groups are narrow), accumulating 9 taps × the groups' input channels in float32.
-    pid_m = tl.program_id(0)
-    pid_co = tl.program_id(1)
+    # channel tiles vary fastest so that programs reading the same pixels run together (L2 hits)
+    num_co_tiles = tl.cdiv(C_out, BLOCK_CO)
+    pid_m = tl.program_id(0) // num_co_tiles
+    pid_co = tl.program_id(0) % num_co_tiles
     M = N * Ho * Wo
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -190,7 +192,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
                  torch.empty((t_max, c_out), device=x.device, dtype=torch.float32),
                  torch.zeros((t_max,), device=x.device, dtype=torch.float32))
     mean_part, m2_part, count_part = stats if compute_stats else (dummy, dummy, dummy)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, block_co))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, block_co),)
     _fwd_kernel[grid](
         x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
         out if out is not None else dummy, mean_part, m2_part, count_part,
