@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (INTERPRET, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
-                          group_channel_range, shape_bucket)
+                          group_channel_range, launch, shape_bucket)
 from ._fwd import dot_precision
 
 
@@ -208,7 +208,7 @@ def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
     return sum_g.sum(0), sum_gx.sum(0)
 
 
-def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding):
+def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, config=None):
     """dx (channels-last, weight's dtype) of the grouped conv, with dz rebuilt from (dy, z)."""
     n, c_in, h, w = x_shape
     _, c_out, ho, wo = z.shape
@@ -217,15 +217,15 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding):
     dx = torch.empty((n, c_in, h, w), device=z.device, dtype=weight.dtype,
                      memory_format=torch.channels_last)
     grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci),)
-    _bwd_dx_kernel[grid](
-        dy, z, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
+    launch(
+        _bwd_dx_kernel, grid, config, dy, z, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
         shape_bucket(n), BLOCK_CI=block_ci, BLOCK_CO=block_co,
         UPCAST=INTERPRET and weight.dtype == torch.bfloat16, PRECISION=dot_precision(weight.dtype),
     )
     return dx
 
 
-def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding):
+def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, config=None):
     """dw (weight's shape and dtype) of the grouped conv, with dz rebuilt from (dy, z)."""
     n, c_in, h, w = x.shape
     _, c_out, ho, wo = z.shape
@@ -238,8 +238,8 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding):
     ci_chunks = triton.cdiv(max(spans) * cin_g, block_ci)
     splits = _num_splits(n * ho * wo, x.device)
     dw_part = torch.zeros((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
-    _bwd_dw_kernel[(splits * co_tiles * ci_chunks * 9,)](
-        x, dy, z, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
+    launch(
+        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config, x, dy, z, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
         ci_chunks, splits, shape_bucket(n), BLOCK_CO=block_co, BLOCK_CI=block_ci,
         UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
     )

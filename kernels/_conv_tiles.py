@@ -55,6 +55,22 @@ def shape_bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def launch(kernel, grid, config, *args, **meta):
+    """Launch an autotuned kernel, or force one of its configs (tests run every shipped config)."""
+    if config is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                        num_stages=config.num_stages)
+
+
+def min_block_m(kernel, config):
+    """The pixel tile a launch will use at the smallest: sizes per-tile partial buffers."""
+    if config is not None:
+        return config.kwargs["BLOCK_M"]
+    return min(c.kwargs["BLOCK_M"] for c in kernel.configs)
+
+
 @triton.jit
 def group_channel_range(tile_start, TILE, C_TILED, TILED_PER_GROUP, OTHER_PER_GROUP):
     """The channels on the *other* side of the block-diagonal weight that a channel tile needs.

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (INTERPRET, channel_tiles, conv_configs, dot_acc, group_channel_range,
-                          shape_bucket)
+                          launch, min_block_m, shape_bucket)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
@@ -168,10 +168,11 @@ def _out_size(size, stride, padding):
 
 
 def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift=None,
-                 compute_stats=False):
+                 compute_stats=False, config=None):
     """Launch ``_fwd_kernel`` on channels-last ``x``; returns (out or None, stats partials or None).
 
-    ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype.
+    ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype. ``config`` forces one
+    autotune config instead of tuning.
     """
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
@@ -184,7 +185,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
         out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                           memory_format=torch.channels_last)
     # partials sized for the smallest pixel tile any autotune config may pick
-    t_max = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _fwd_kernel.configs))
+    t_max = triton.cdiv(m, min_block_m(_fwd_kernel, config))
     stats = None
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     if compute_stats:
@@ -193,8 +194,8 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
                  torch.zeros((t_max,), device=x.device, dtype=torch.float32))
     mean_part, m2_part, count_part = stats if compute_stats else (dummy, dummy, dummy)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, block_co),)
-    _fwd_kernel[grid](
-        x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
+    launch(
+        _fwd_kernel, grid, config, x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
         out if out is not None else dummy, mean_part, m2_part, count_part,
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, shape_bucket(n),
         STORE=store, COMPUTE_STATS=compute_stats, BLOCK_CO=block_co, BLOCK_CI=block_ci,
