@@ -158,6 +158,7 @@ class _GroupedConvBNReLU(torch.autograd.Function):
         return dx, dw, dgamma, dbeta, None, None, None, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # opaque to torch.compile: its graph breaks here and runs our kernels as they are
 def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
                          stride=1, padding=1, groups=1, eps=1e-5, momentum=0.1, training=False):
     """``relu(batch_norm(conv2d(x, weight, None, stride, padding, 1, groups), ...))``, fused.
@@ -170,9 +171,16 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
             may be None when training (like ``track_running_stats=False``).
         stride, padding, groups, eps, momentum, training: as in conv2d / batch_norm.
 
+    Under ``torch.autocast`` x and weight are cast to the autocast dtype first, as conv2d is.
+
     Returns:
         (N, C_out, H_out, W_out) in x's dtype and memory format.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(dtype)
     bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
     _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training)
     c_out = weight.shape[0]
