@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (INTERPRET, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
-                          group_channel_range, launch, shape_bucket)
+                          group_channel_range, POINTWISE_BLOCK_M, launch, shape_bucket)
 from ._fwd import dot_precision
 
 
@@ -188,7 +188,7 @@ def _num_splits(m, device):
     """How many pixel ranges the reductions split into: a fixed function of the problem and
     the device, so results are bit-identical from run to run."""
     if INTERPRET:
-        return max(1, min(4, triton.cdiv(m, 4096)))
+        return max(1, min(4, triton.cdiv(m, 16384)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(2 * sms, triton.cdiv(m, 2048)))
 
@@ -198,7 +198,7 @@ def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
     n, c, h, w = z.shape
     m = n * h * w
     splits = _num_splits(m, z.device)
-    block_m, block_c = (512 if INTERPRET else 64), min(64, triton.next_power_of_2(c))
+    block_m, block_c = POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
     rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     sum_g = torch.empty((splits, c), device=z.device, dtype=torch.float32)
     sum_gx = torch.empty((splits, c), device=z.device, dtype=torch.float32)

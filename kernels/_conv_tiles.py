@@ -16,10 +16,16 @@ import triton.language as tl
 # Triton reads TRITON_INTERPRET when a kernel is decorated; the launchers read this copy.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
+if INTERPRET:
+    from . import _interpreter_speedups  # noqa: F401  (patches Triton's interpreter on import)
+
 # Smallest tl.dot extent the GPU compiler accepts for 16-bit operands (the interpreter accepts
 # anything, which is why every tile below is clamped to it explicitly).
 MIN_DOT = 16
 MAX_CHANNEL_TILE = 64
+# Pixel tile of the pointwise and reduction kernels. The interpreter runs programs one after
+# another at a fixed Python cost per block op, so it gets far fewer, larger programs.
+POINTWISE_BLOCK_M = 4096 if INTERPRET else 64
 
 
 def channel_tiles(cin_per_group, cout_per_group):
@@ -41,7 +47,7 @@ def conv_configs(interpret=INTERPRET):
     larger programs are much faster there, and one config means no benchmarking.
     """
     if interpret:
-        return [triton.Config({"BLOCK_M": 256}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 8192}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
         for block_m, warps, stages in [

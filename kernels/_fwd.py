@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (INTERPRET, channel_tiles, conv_configs, dot_acc, group_channel_range,
-                          launch, min_block_m, shape_bucket)
+                          launch, min_block_m, POINTWISE_BLOCK_M, shape_bucket)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
@@ -225,7 +225,7 @@ def bn_relu(z, scale, shift):
     n, c, h, w = z.shape
     y = torch.empty_like(z, memory_format=torch.channels_last)
     m = n * h * w
-    block_m, block_c = (512 if INTERPRET else 64), min(64, triton.next_power_of_2(c))
+    block_m, block_c = POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
     _bn_relu_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
         z, scale, shift, y, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return y

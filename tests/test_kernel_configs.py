@@ -74,3 +74,19 @@ def test_backward_every_config(cfg, shape, device):
     dw = _bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, config=cfg)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dz, stride, 1, 1, groups),
                                atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_weight_grad_pixel_splits(splits, device, monkeypatch):
+    """The float32 partials of several pixel splits sum to the weight gradient (large inputs
+    split on the GPU; the CPU tests are too small to split unless told to)."""
+    n, c_in, h, w, c_out, groups, stride = 2, 16, 9, 7, 16, 4, 1
+    x, weight = _inputs(device, n, c_in, h, w, c_out, groups, seed=2)
+    z = F.conv2d(x, weight, None, stride, 1, 1, groups).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(z)
+    ones, zeros = torch.ones(c_out, device=device), torch.zeros(c_out, device=device)
+    monkeypatch.setattr(_bwd, "_num_splits", lambda m, dev: splits)
+    dw = _bwd.conv_dw(x, dy, z, weight, (ones, torch.full_like(ones, 1e3), zeros, zeros), groups,
+                      stride, 1)
+    torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dy, stride, 1, 1, groups),
+                               atol=1e-4, rtol=1e-4)
