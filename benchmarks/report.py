@@ -1,0 +1,298 @@
+"""Turn a pytest-benchmark JSON into the results kept in the repository.
+
+    PYTHONPATH=. pytest benchmarks/ --benchmark-only --benchmark-json=out.json
+    python -m benchmarks.report out.json [--out-dir benchmarks/results]
+
+writes ``<gpu>.json`` (``{"meta": {...}, "records": [...]}``), ``<gpu>.md`` (goals, then tables)
+and ``<gpu>.png`` (fused vs cudnn vs compile per stage), ``<gpu>`` being the GPU's name as a slug.
+
+Where the numbers come from: a block's ``median_ms`` is the benchmark's ``extra_info["median_ms"]``
+(median GPU time over per-call CUDA-event timings, L2 flushed, see ``test_block_bench.py``), and
+TFLOP/s, GB/s and the roofline fraction are recomputed here from it with the ``flops``, ``bytes``
+and ``copy_gbps`` the benchmark recorded. A model's ``images_per_s`` is ``batch`` divided by
+pytest-benchmark's ``stats.median`` (seconds per step). Speedups are computed here, between records
+of the same configuration.
+"""
+
+import argparse
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.shapes import MODES, throughput
+
+BLOCK_KEYS = ("op", "arch", "stage", "shape", "groups", "stride", "dtype", "mode", "provider",
+              "median_ms", "tflops", "gbps", "roofline")
+MODEL_KEYS = ("op", "arch", "mode", "batch", "dtype", "provider", "images_per_s")
+PROVIDERS = ("cudnn", "compile", "fused")
+DTYPES = ("bfloat16", "float16", "float32")
+GOAL_DTYPE = "bfloat16"
+GOAL_ARCH = "resnext50_32x4d"
+# the issue's goals, on bfloat16 at batch 256: {mode: least speedup over cudnn}
+BLOCK_GOALS = {"inference": 2.0, "train_fwd_bwd": 1.3}
+BLOCK_ROOFLINE_GOAL = 0.60
+MODEL_GOALS = {"inference": 1.3, "train": 1.15}
+
+
+def gpu_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
+
+
+def load(path) -> dict:
+    text = Path(path).read_text()
+    if not text.strip():
+        raise SystemExit(f"{path} is empty: no benchmark ran (no GPU?), nothing to report")
+    data = json.loads(text)
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise SystemExit(f"{path} is not a pytest-benchmark JSON (no 'benchmarks' key)")
+    return data
+
+
+def records(data: dict) -> list[dict]:
+    """One record per benchmark that carries ``extra_info["op"]``, in the results schema."""
+    out = []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if info.get("op") == "block":
+            rec = {k: info[k] for k in BLOCK_KEYS if k not in ("tflops", "gbps", "roofline")}
+            rec["shape"] = list(rec["shape"])
+            rec.update(throughput(info["flops"], info["bytes"], rec["median_ms"], info.get("copy_gbps")))
+            out.append({k: rec[k] for k in BLOCK_KEYS})
+        elif info.get("op") == "model":
+            rec = {k: info[k] for k in MODEL_KEYS if k != "images_per_s"}
+            rec["images_per_s"] = rec["batch"] / bench["stats"]["median"]
+            out.append(rec)
+    order = {p: i for i, p in enumerate(PROVIDERS)}
+    out.sort(key=lambda r: (r["op"], r["arch"], r.get("dtype", ""), r["mode"], r.get("stage", 0),
+                            r.get("stride", 0), order.get(r["provider"], 99)))
+    return out
+
+
+def meta(data: dict) -> dict:
+    """GPU and library versions from the benchmarks' extra_info; commit and date from pytest-benchmark."""
+    infos = [b.get("extra_info") or {} for b in data["benchmarks"]]
+    first = next((i for i in infos if i.get("gpu")), {})
+    commit = data.get("commit_info") or {}
+    sha = commit.get("id")
+    if sha and commit.get("dirty"):
+        sha += "-dirty"
+    return {
+        "gpu": first.get("gpu") or (data.get("machine_info") or {}).get("node") or "unknown",
+        "torch": first.get("torch"),
+        "triton": first.get("triton"),
+        "cudnn": first.get("cudnn"),
+        "git_sha": sha,
+        "date": data.get("datetime"),
+    }
+
+
+def copy_bandwidth(data: dict) -> float | None:
+    return next((b["extra_info"]["copy_gbps"] for b in data["benchmarks"]
+                 if (b.get("extra_info") or {}).get("copy_gbps")), None)
+
+
+def _block_key(r):
+    return (r["arch"], r["stage"], r["stride"], tuple(r["shape"]), r["groups"], r["dtype"], r["mode"])
+
+
+def block_table(recs: list[dict]) -> dict:
+    """``{(arch, stage, stride, shape, groups, dtype, mode): {provider: record}}``."""
+    table = defaultdict(dict)
+    for r in recs:
+        if r["op"] == "block":
+            table[_block_key(r)][r["provider"]] = r
+    return table
+
+
+def speedup(by_provider: dict, over: str, of: str = "fused") -> float | None:
+    """How many times faster ``of`` is than ``over`` (time ratio; images/s ratio for models)."""
+    a, b = by_provider.get(of), by_provider.get(over)
+    if not a or not b:
+        return None
+    if "median_ms" in a:
+        return b["median_ms"] / a["median_ms"]
+    return a["images_per_s"] / b["images_per_s"]
+
+
+def geomean(values) -> float | None:
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def block_summary(recs, dtype, mode, arch=None, over="cudnn"):
+    """(geometric-mean speedup of fused over ``over``, lowest fused roofline fraction) for a mode."""
+    rows = [v for k, v in block_table(recs).items()
+            if k[5] == dtype and k[6] == mode and (arch is None or k[0] == arch)]
+    roofs = [v["fused"]["roofline"] for v in rows if "fused" in v and v["fused"]["roofline"] is not None]
+    return geomean(speedup(v, over) for v in rows), (min(roofs) if roofs else None)
+
+
+def model_table(recs) -> dict:
+    """``{(arch, mode): {provider: record}}``."""
+    table = defaultdict(dict)
+    for r in recs:
+        if r["op"] == "model":
+            table[(r["arch"], r["mode"])][r["provider"]] = r
+    return table
+
+
+def goals(recs) -> list[tuple[str, str, float | None, bool | None]]:
+    """The issue's goals: (goal, target, measured, met) with met None where data is missing."""
+    out = []
+
+    def check(name, target, value, ok):
+        out.append((name, target, value, None if value is None else ok(value)))
+
+    for mode, target in BLOCK_GOALS.items():
+        gm, roof = block_summary(recs, GOAL_DTYPE, mode)
+        check(f"block {mode}: geomean speedup of fused over cudnn", f">= {target}x", gm, lambda v: v >= target)
+        if mode == "inference":
+            check("block inference: lowest fused roofline fraction", f">= {BLOCK_ROOFLINE_GOAL:.0%}", roof,
+                  lambda v: v >= BLOCK_ROOFLINE_GOAL)
+    models = model_table(recs)
+    for mode, target in MODEL_GOALS.items():
+        row = models.get((GOAL_ARCH, mode), {})
+        check(f"{GOAL_ARCH} {mode}: fused over cudnn images/s", f">= {target}x", speedup(row, "cudnn"),
+              lambda v: v >= target)
+        check(f"{GOAL_ARCH} {mode}: fused over compile images/s", ">= 1.0x", speedup(row, "compile"),
+              lambda v: v >= 1.0)
+    return out
+
+
+def _fmt(v, spec=".2f", suffix=""):
+    return "—" if v is None else f"{v:{spec}}{suffix}"
+
+
+def markdown(result: dict, copy_gbps: float | None = None) -> str:
+    m, recs = result["meta"], result["records"]
+    lines = [f"# Benchmark results: {m['gpu']}", "",
+             f"torch {m['torch']} · triton {m['triton']} · cuDNN {m['cudnn']} · git {m['git_sha']} · "
+             f"{m['date']} · measured device-to-device copy bandwidth {_fmt(copy_gbps, '.0f', ' GB/s')}", "",
+             f"## Goals ({GOAL_DTYPE})", "", "| goal | target | measured | status |", "|---|---|---|---|"]
+    for name, target, value, met in goals(recs):
+        shown = _fmt(value, ".0%") if "roofline" in name else _fmt(value, ".2f", "x")
+        lines.append(f"| {name} | {target} | {shown} | {'—' if met is None else ('met' if met else 'not met')} |")
+
+    table = block_table(recs)
+    present = sorted({(k[0], k[5], k[6]) for k in table},
+                     key=lambda t: (DTYPES.index(t[1]) if t[1] in DTYPES else 9, t[0], MODES.index(t[2])))
+    if present:
+        lines += ["", "## Blocks: geometric-mean speedup of fused", "",
+                  "| arch | dtype | mode | over cudnn | over compile | lowest fused roofline |",
+                  "|---|---|---|---|---|---|"]
+        for arch, dtype, mode in present:
+            gm, roof = block_summary(recs, dtype, mode, arch)
+            gm_compile, _ = block_summary(recs, dtype, mode, arch, over="compile")
+            lines.append(f"| {arch} | {dtype} | {mode} | {_fmt(gm, '.2f', 'x')} | {_fmt(gm_compile, '.2f', 'x')} | "
+                         f"{_fmt(roof, '.0%')} |")
+    for arch, dtype, mode in present:
+        lines += ["", f"### {arch}, {dtype}, {mode}", "",
+                  "| block | input N, C, H, W | groups | cudnn ms | compile ms | fused ms | fused TFLOP/s | "
+                  "fused GB/s | fused roofline | fused / cudnn | fused / compile |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key in sorted(k for k in table if (k[0], k[5], k[6]) == (arch, dtype, mode)):
+            row, fused = table[key], table[key].get("fused", {})
+            ms = [_fmt(row.get(p, {}).get("median_ms"), ".3f") for p in PROVIDERS]
+            lines.append(f"| stage{key[1]}{'/s2' if key[2] == 2 else ''} | {', '.join(map(str, key[3]))} | {key[4]} | "
+                         f"{' | '.join(ms)} | {_fmt(fused.get('tflops'), '.1f')} | {_fmt(fused.get('gbps'), '.0f')} | "
+                         f"{_fmt(fused.get('roofline'), '.0%')} | {_fmt(speedup(row, 'cudnn'), '.2f', 'x')} | "
+                         f"{_fmt(speedup(row, 'compile'), '.2f', 'x')} |")
+
+    models = model_table(recs)
+    if models:
+        lines += ["", "## Models (bfloat16 autocast, channels_last), images/s", "",
+                  "| arch | mode | batch | cudnn | compile | fused | fused / cudnn | fused / compile |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (arch, mode), row in sorted(models.items()):
+            batches = sorted({r["batch"] for r in row.values()})
+            ips = [_fmt(row.get(p, {}).get("images_per_s"), ".0f") for p in PROVIDERS]
+            lines.append(f"| {arch} | {mode} | {', '.join(map(str, batches))} | {' | '.join(ips)} | "
+                         f"{_fmt(speedup(row, 'cudnn'), '.2f', 'x')} | {_fmt(speedup(row, 'compile'), '.2f', 'x')} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart_data(recs, dtype) -> dict:
+    """``{(arch, mode): (block labels, {provider: [speedup over cudnn per block]})}`` for one dtype."""
+    out = {}
+    table = block_table(recs)
+    for arch, mode in sorted({(k[0], k[6]) for k in table if k[5] == dtype}, key=lambda t: (t[0], MODES.index(t[1]))):
+        keys = sorted(k for k in table if (k[0], k[5], k[6]) == (arch, dtype, mode))
+        labels = [f"s{k[1]}{'/2' if k[2] == 2 else ''}" for k in keys]
+        bars = {p: [speedup(table[k], "cudnn", of=p) for k in keys] for p in PROVIDERS}
+        out[(arch, mode)] = (labels, bars)
+    return out
+
+
+def bar_chart(result: dict, path) -> str | None:
+    """Grouped bars of speedup over cudnn per block, one panel per (arch, mode); returns the dtype shown."""
+    recs = result["records"]
+    dtypes = {r["dtype"] for r in recs if r["op"] == "block"}
+    dtype = next((d for d in DTYPES if d in dtypes), None)
+    if dtype is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = chart_data(recs, dtype)
+    archs = sorted({a for a, _ in data})
+    modes = [m for m in MODES if any(k[1] == m for k in data)]
+    fig, axes = plt.subplots(len(modes), len(archs), figsize=(6 * len(archs), 3 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, arch in enumerate(archs):
+            ax = axes[i][j]
+            if (arch, mode) not in data:
+                ax.set_axis_off()
+                continue
+            labels, bars = data[(arch, mode)]
+            width = 0.8 / len(PROVIDERS)
+            for n, p in enumerate(PROVIDERS):
+                xs = [x + (n - 1) * width for x in range(len(labels))]
+                ax.bar(xs, [v or 0 for v in bars[p]], width, label=p)
+            if mode in BLOCK_GOALS:
+                ax.axhline(BLOCK_GOALS[mode], color="grey", linestyle="--", linewidth=1, label="goal")
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_title(f"{arch}, {mode}", fontsize=10)
+            ax.set_ylabel("speedup over cudnn")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{result['meta']['gpu']}, {dtype}: grouped conv + BN + ReLU blocks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return dtype
+
+
+def write_results(data: dict, out_dir) -> dict:
+    """Write ``<gpu>.json``, ``<gpu>.md`` and ``<gpu>.png`` into ``out_dir``; returns their paths."""
+    result = {"meta": meta(data), "records": records(data)}
+    if not result["records"]:
+        raise SystemExit("no benchmark in the JSON carries results (extra_info['op']): nothing to report")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / gpu_slug(result["meta"]["gpu"])
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
+    rows = ",\n".join("  " + json.dumps(r) for r in result["records"])  # one record a line: readable diffs
+    paths["json"].write_text(f'{{"meta": {json.dumps(result["meta"])},\n "records": [\n{rows}\n ]}}\n')
+    text = markdown(result, copy_bandwidth(data))
+    if bar_chart(result, stem.with_suffix(".png")):
+        paths["png"] = stem.with_suffix(".png")
+        text += f"\n![fused vs cudnn vs compile per block]({paths['png'].name})\n"
+    paths["md"].write_text(text)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="pytest-benchmark JSON (from --benchmark-json)")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    for kind, path in write_results(load(args.json), args.out_dir).items():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

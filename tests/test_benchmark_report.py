@@ -1,0 +1,284 @@
+"""The benchmark suite's CPU-checkable parts: shape table, FLOP/byte formulas, report tool, skipping."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from benchmarks import report
+from benchmarks.shapes import ARCHS, BlockShape, block_shapes, conv_flops, min_bytes, throughput
+from kernels.reference import ConvBNReLU
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available() and not kernels.interpreter_enabled()
+
+
+# ---------------------------------------------------------------- shape table
+
+# (stage, stride, channels, input size), from the architecture (KERNEL-NOTES): widths double per
+# stage, spatial 56/28/14/7, the stride-2 first block reads the previous stage's size
+EXPECTED = {
+    "resnext50_32x4d": [(1, 1, 128, 56), (2, 2, 256, 56), (2, 1, 256, 28), (3, 2, 512, 28),
+                        (3, 1, 512, 14), (4, 2, 1024, 14), (4, 1, 1024, 7)],
+    "resnext101_32x8d": [(1, 1, 256, 56), (2, 2, 512, 56), (2, 1, 512, 28), (3, 2, 1024, 28),
+                         (3, 1, 1024, 14), (4, 2, 2048, 14), (4, 1, 2048, 7)],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED))
+def test_shape_table(arch):
+    shapes = block_shapes(arch)
+    assert [(s.stage, s.stride, s.channels, s.size) for s in shapes] == EXPECTED[arch]
+    assert all(s.groups == 32 for s in shapes)
+    assert [s.out_size for s in shapes] == [56, 28, 28, 14, 14, 7, 7]
+    assert len({s.id for s in block_shapes()}) == 14
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_shape_table_matches_model(arch):
+    """Every grouped conv the model runs, seen by forward hooks, is in the table, and vice versa."""
+    resnext = pytest.importorskip("resnext")
+    if not hasattr(resnext, "create_model"):
+        pytest.skip("resnext.create_model not written yet")
+    with torch.device("meta"):  # shapes only: no weights initialised, no arithmetic done
+        model = resnext.create_model(arch, fused_kernels=False).eval()
+    seen = set()
+
+    def hook(conv, args):
+        seen.add((conv.in_channels, conv.out_channels, conv.groups, conv.stride[0], args[0].shape[-1]))
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1:
+            mod.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert seen == {(s.channels, s.channels, s.groups, s.stride, s.size) for s in block_shapes(arch)}
+
+
+# ---------------------------------------------------------------- FLOPs and bytes
+
+SMALL = [BlockShape("small", 2, 1, 16, 4, 9), BlockShape("small", 2, 2, 16, 4, 9)]  # odd size: stride-2 rounding
+
+
+def _run(shape, batch, mode, dtype=torch.float32, frozen_weight=False):
+    """Run the eager reference once in ``mode``; returns (module, x, y, dy)."""
+    torch.manual_seed(0)
+    m = ConvBNReLU(shape.channels, shape.channels, shape.stride, shape.groups).to(dtype)
+    m.bn.float()
+    m.conv.weight.requires_grad_(not frozen_weight)
+    m.train(mode != "inference")
+    x = torch.randn(shape.input_shape(batch), dtype=dtype, requires_grad=mode != "inference")
+    with torch.set_grad_enabled(mode != "inference"):
+        y = m(x)
+    dy = torch.randn_like(y)
+    if mode == "train_fwd_bwd":
+        y.backward(dy)
+    return m, x, y, dy
+
+
+@pytest.mark.parametrize("shape", SMALL + [BlockShape("small", 1, 2, 8, 1, 9)], ids=["stride1", "stride2", "dense"])
+@pytest.mark.parametrize("mode", ["inference", "train_fwd", "train_fwd_bwd"])
+def test_conv_flops_match_flop_counter(shape, mode):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _run(shape, 3, mode)
+    if mode == "train_fwd_bwd" and shape.groups > 1:
+        # torch's counter forgets the groups in the weight gradient (fixed upstream in pytorch
+        # PR 183405, 2026); count forward + dgrad with the weight frozen, and take wgrad = forward,
+        # which the groups=1 case checks against the counter
+        with FlopCounterMode(display=False) as fwd_dgrad:
+            _run(shape, 3, mode, frozen_weight=True)
+        with FlopCounterMode(display=False) as fwd:
+            _run(shape, 3, "train_fwd")
+        assert conv_flops(shape, 3, mode) == fwd_dgrad.get_total_flops() + fwd.get_total_flops() > 0
+    else:
+        assert conv_flops(shape, 3, mode) == counter.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("shape", SMALL, ids=["stride1", "stride2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_min_bytes_counts_each_tensor_once(shape, dtype):
+    """The formula against the tensors themselves, named as in min_bytes' docstring."""
+    m, x, y, dy = _run(shape, 2, "train_fwd_bwd", dtype)
+    size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    w, bn = m.conv.weight, m.bn
+    vec = bn.weight  # one float32 per channel: gamma, beta, running and saved statistics alike
+    inference = size(x, w, bn.weight, bn.bias, bn.running_mean, bn.running_var, y)
+    train_fwd = size(x, w, bn.weight, bn.bias) + 2 * size(bn.running_mean, bn.running_var) + size(y) + 2 * size(vec)
+    backward = size(dy, x, w, bn.weight, bn.bias) + 2 * size(vec) + size(x.grad, w.grad, bn.weight.grad, bn.bias.grad)
+    assert min_bytes(shape, 2, dtype, "inference") == inference
+    assert min_bytes(shape, 2, dtype, "train_fwd") == train_fwd
+    assert min_bytes(shape, 2, dtype, "train_fwd_bwd") == train_fwd + backward
+
+
+def test_min_bytes_stage1_matches_kernel_notes():
+    """KERNEL-NOTES: ResNeXt-50 stage 1, bf16, batch 256: ~123 us at 3.35 TB/s (x and y, 205 MB
+    each), ~7.4 GFLOP."""
+    s = block_shapes("resnext50_32x4d")[0]
+    assert 122e-6 < min_bytes(s, 256, torch.bfloat16, "inference") / 3.35e12 < 124e-6
+    assert 7.3e9 < conv_flops(s, 256, "inference") < 7.5e9
+
+
+def test_throughput():
+    t = throughput(flops=2e12, nbytes=3e9, median_ms=1000.0, copy_gbps=6.0)
+    assert t == pytest.approx({"tflops": 2.0, "gbps": 3.0, "roofline": 0.5})
+    assert throughput(1, 1, 1.0, None)["roofline"] is None
+
+
+# ---------------------------------------------------------------- report tool
+
+BATCH = 256
+COPY_GBPS = 3000.0
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cudnn": "91002",
+       "copy_gbps": COPY_GBPS}
+# (stage index in the table, mode) -> median ms per provider
+BLOCK_MS = {
+    (0, "inference"): {"cudnn": 1.0, "compile": 0.8, "fused": 0.5},  # 2x
+    (1, "inference"): {"cudnn": 1.0, "compile": 0.5, "fused": 0.25},  # 4x
+    (0, "train_fwd_bwd"): {"cudnn": 3.0, "compile": 2.5, "fused": 2.0},  # 1.5x
+    (1, "train_fwd_bwd"): {"cudnn": 3.0, "compile": 2.5, "fused": 2.0},
+}
+MODEL_SLEEP_S = {"cudnn": 0.02, "compile": 0.015, "fused": 0.01}
+
+
+def _block_info(index, mode, provider, ms):
+    s = block_shapes("resnext50_32x4d")[index]
+    flops, nbytes = conv_flops(s, BATCH, mode), min_bytes(s, BATCH, torch.bfloat16, mode)
+    return dict(ENV, op="block", arch=s.arch, stage=s.stage, shape=list(s.input_shape(BATCH)), groups=s.groups,
+                stride=s.stride, dtype="bfloat16", mode=mode, provider=provider, median_ms=ms, flops=flops,
+                bytes=nbytes, **throughput(flops, nbytes, ms, COPY_GBPS), variant="channels_last")
+
+
+FAKE_BENCH = textwrap.dedent("""
+    import json, time
+    import pytest
+
+    CASES = json.load(open("cases.json"))
+
+    @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+    def test_fake(benchmark, case):
+        benchmark.extra_info.update(case["info"])
+        benchmark.pedantic(time.sleep, args=(case["sleep"],), rounds=3)
+""")
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    """A JSON written by pytest-benchmark itself (its real schema), with our benchmarks' extra_info."""
+    pytest.importorskip("pytest_benchmark")
+    d = tmp_path_factory.mktemp("bench")
+    cases = [{"info": _block_info(i, mode, p, ms), "sleep": 0.0}
+             for (i, mode), by_p in BLOCK_MS.items() for p, ms in by_p.items()]
+    cases += [{"info": dict(ENV, op="model", arch="resnext50_32x4d", mode=mode, batch=BATCH, dtype="bfloat16",
+                            provider=p, images_per_s=-1.0), "sleep": t}  # images_per_s: the report recomputes it
+              for mode in ("inference", "train") for p, t in MODEL_SLEEP_S.items()]
+    (d / "cases.json").write_text(json.dumps(cases))
+    (d / "test_fake.py").write_text(FAKE_BENCH)
+    (d / "pytest.ini").write_text("[pytest]\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fake.py",
+                          "--benchmark-json=out.json"], cwd=d, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads((d / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def written(bench_json, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("results")
+    return report.write_results(bench_json, out_dir)
+
+
+def test_report_writes_schema(written, bench_json):
+    assert written["json"].name == "nvidia-h100-80gb-hbm3.json"
+    result = json.loads(written["json"].read_text())
+    assert set(result) == {"meta", "records"}
+    assert result["meta"] == {"gpu": ENV["gpu"], "torch": "2.11.0", "triton": "3.6.0", "cudnn": "91002",
+                              "git_sha": report.meta(bench_json)["git_sha"], "date": bench_json["datetime"]}
+    blocks = [r for r in result["records"] if r["op"] == "block"]
+    models = [r for r in result["records"] if r["op"] == "model"]
+    assert len(blocks) == 12 and len(models) == 6
+    assert all(list(r) == list(report.BLOCK_KEYS) for r in blocks)
+    assert all(list(r) == list(report.MODEL_KEYS) for r in models)
+
+
+def test_report_block_figures(written):
+    blocks = [r for r in json.loads(written["json"].read_text())["records"] if r["op"] == "block"]
+    s = block_shapes("resnext50_32x4d")[0]
+    r = next(r for r in blocks if (r["stage"], r["mode"], r["provider"]) == (1, "inference", "fused"))
+    assert r["shape"] == [256, 128, 56, 56] and (r["groups"], r["stride"], r["dtype"]) == (32, 1, "bfloat16")
+    assert r["median_ms"] == 0.5
+    assert r["tflops"] == pytest.approx(conv_flops(s, BATCH, "inference") / 0.5e-3 / 1e12)
+    assert r["gbps"] == pytest.approx(min_bytes(s, BATCH, torch.bfloat16, "inference") / 0.5e-3 / 1e9)
+    assert r["roofline"] == pytest.approx(r["gbps"] / COPY_GBPS)
+
+
+def test_report_model_images_per_s(written, bench_json):
+    """images/s = batch / pytest-benchmark's median, not whatever extra_info said."""
+    models = [r for r in json.loads(written["json"].read_text())["records"] if r["op"] == "model"]
+    medians = {(b["extra_info"]["mode"], b["extra_info"]["provider"]): b["stats"]["median"]
+               for b in bench_json["benchmarks"] if b["extra_info"]["op"] == "model"}
+    for r in models:
+        assert r["images_per_s"] == pytest.approx(BATCH / medians[(r["mode"], r["provider"])])
+        assert r["images_per_s"] < BATCH / MODEL_SLEEP_S[r["provider"]]  # sleep() is the least it took
+
+
+def test_report_goals(written):
+    recs = json.loads(written["json"].read_text())["records"]
+    g = {name: (value, met) for name, _, value, met in report.goals(recs)}
+    value, met = g["block inference: geomean speedup of fused over cudnn"]
+    assert value == pytest.approx(math.sqrt(2.0 * 4.0)) and met
+    value, met = g["block train_fwd_bwd: geomean speedup of fused over cudnn"]
+    assert value == pytest.approx(1.5) and met
+    roofs = [r["roofline"] for r in recs
+             if r["op"] == "block" and r["mode"] == "inference" and r["provider"] == "fused"]
+    assert g["block inference: lowest fused roofline fraction"] == (pytest.approx(min(roofs)), False)
+    assert g["resnext50_32x4d train: fused over cudnn images/s"][0] > 1.0
+    # goals without data are reported as such, not as met or missed
+    assert all(met is None for _, _, _, met in report.goals([r for r in recs if r["op"] == "block"])[3:])
+
+
+def test_report_markdown_and_chart(written):
+    text = written["md"].read_text()
+    assert text.startswith("# Benchmark results: NVIDIA H100 80GB HBM3")
+    assert "| block inference: geomean speedup of fused over cudnn | >= 2.0x | 2.83x | met |" in text
+    assert "| stage2/s2 | 256, 256, 56, 56 | 32 | 1.000 | 0.500 | 0.250 |" in text
+    assert "## Models" in text and "![" in text
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recs = json.loads(written["json"].read_text())["records"]
+    labels, bars = report.chart_data(recs, "bfloat16")[("resnext50_32x4d", "inference")]
+    assert labels == ["s1", "s2/2"]
+    assert bars == {"cudnn": [1.0, 1.0], "compile": [1.25, 2.0], "fused": [2.0, 4.0]}
+
+
+def test_report_cli(bench_json, tmp_path, capsys):
+    (tmp_path / "in.json").write_text(json.dumps(bench_json))
+    report.main([str(tmp_path / "in.json"), "--out-dir", str(tmp_path / "out")])
+    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".json", ".md", ".png"]
+    assert "wrote" in capsys.readouterr().out
+    (tmp_path / "empty.json").write_text("")  # what pytest-benchmark leaves when every case skipped
+    with pytest.raises(SystemExit, match="empty"):
+        report.main([str(tmp_path / "empty.json")])
+
+
+def test_gpu_slug():
+    assert report.gpu_slug("NVIDIA H200") == "nvidia-h200"
+    assert report.gpu_slug("NVIDIA H100 PCIe") == "nvidia-h100-pcie"
+
+
+# ---------------------------------------------------------------- the suite without a GPU
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU this would run the whole benchmark suite")
+def test_benchmarks_skip_without_gpu():
+    """`pytest benchmarks/ --benchmark-only` collects every case, skips each with a reason, exits 0."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-rs",
+                          "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = out.stdout.strip().splitlines()[-1]
+    assert summary.startswith("390 skipped") and "passed" not in summary and "failed" not in summary, summary
+    assert "needs a CUDA GPU" in out.stdout
