@@ -16,7 +16,10 @@ from ._conv_tiles import (INTERPRET, channel_tiles, conv_configs, dot_acc, group
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
 
-@triton.autotune(configs=conv_configs(), key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE"])
+# Tuning runs write the partials of configs with other pixel tiles: zeroing the tile counts before
+# every run (and before the final one) keeps their stale tiles out of the statistics.
+@triton.autotune(configs=conv_configs(), key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE"],
+                 reset_to_zero=["count_part_ptr"])
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
@@ -69,6 +72,10 @@ def _fwd_kernel(
                 acc = dot_acc(a, b, acc, UPCAST, PRECISION)
 
     if COMPUTE_STATS:
+        if STORE == 1:
+            # statistics of z as stored, so that normalising the stored z is self-consistent
+            # (as in PyTorch); matters in half precision when few values share a channel
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
         # rows past M hold exact zeros (all their loads were masked), so they add nothing to the sum
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         tile_mean = tl.sum(acc, axis=0) / count

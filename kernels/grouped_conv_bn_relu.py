@@ -83,6 +83,9 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
             raise ValueError(f"{name} must be a 1-D tensor of C_out={c_out} elements, got {shape}")
         if t.dtype != torch.float32:
             raise TypeError(f"{name} must be float32 (BatchNorm statistics and affine parameters), got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernels read and update it in place), "
+                             f"got stride {t.stride()}")
     for name, t in (("weight", weight), *bn_tensors.items()):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
@@ -132,6 +135,7 @@ class _GroupedConvBNReLU(torch.autograd.Function):
         return y.contiguous()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w, z, mean, invstd, scale, shift = ctx.saved_tensors
         stride, padding, groups, training, x_shape = ctx.conf
