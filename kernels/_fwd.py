@@ -170,7 +170,7 @@ def dot_precision(dtype):
     return "ieee"
 
 
-def _out_size(size, stride, padding):
+def out_size(size, stride, padding):
     return (size + 2 * padding - 3) // stride + 1
 
 
@@ -183,7 +183,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
     """
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    ho, wo = _out_size(h, stride, padding), _out_size(w, stride, padding)
+    ho, wo = out_size(h, stride, padding), out_size(w, stride, padding)
     cin_g, cout_g = c_in // groups, c_out // groups
     block_co, block_ci = channel_tiles(cin_g, cout_g)
     m = n * ho * wo

@@ -112,7 +112,8 @@ class _GroupedConvBNReLU(torch.autograd.Function):
             stats_store = _fwd.STORE_Z if needs_grad else _fwd.STORE_NOTHING
             z, stats = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=stats_store,
                                          compute_stats=True)
-            count = x.shape[0] * _fwd._out_size(x.shape[2], stride, padding) * _fwd._out_size(x.shape[3], stride, padding)
+            count = x.shape[0] * _fwd.out_size(x.shape[2], stride, padding) * _fwd.out_size(
+                x.shape[3], stride, padding)
             mean, invstd, scale, shift = _fwd.bn_stats(stats, count, bn_weight, bn_bias, running_mean,
                                                        running_var, eps, momentum)
         else:
