@@ -6,8 +6,10 @@ g = dy·[z·scale + shift > 0] (the ReLU mask, recomputed from z):
 * ``_bn_bwd_reduce_kernel``: float32 partials of dβ = Σ g and dγ = Σ g·x̂, x̂ = (z − mean)·invstd.
 * BatchNorm's backward is then affine in (g, z) per channel:
   dz = scale·g + k1·z + k0, with k1 = −scale·invstd·dγ/M, k0 = −scale·dβ/M − k1·mean in training
-  and k1 = k0 = 0 with frozen (eval-mode) statistics. dz is never written to memory: the two conv
-  kernels below rebuild it from (dy, z) as they load it.
+  and k1 = k0 = 0 with frozen (eval-mode) statistics. On the GPU dz is never written to memory:
+  the two conv kernels below rebuild it from (dy, z) as they load it. Under Triton's interpreter,
+  where element-wise work rather than memory traffic is the cost, ``_bn_relu_bwd_kernel`` writes
+  dz once instead (``MATERIALIZE_DZ``); both paths are tested on the CPU.
 * ``_bwd_dx_kernel``: dx = conv_transpose(dz, w), an implicit GEMM over input pixels.
 * ``_bwd_dw_kernel``: dw = Σ_pixels x_tap ⊗ dz, split over pixel ranges into float32 partials
   that a second reduction sums in a fixed order (deterministic, no atomics).
@@ -20,6 +22,44 @@ import triton.language as tl
 from ._conv_tiles import (INTERPRET, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
                           group_channel_range, POINTWISE_BLOCK_M, launch, shape_bucket)
 from ._fwd import dot_precision
+
+# Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
+# the element-wise work 9 times (once per tap), which dominates under the interpreter.
+MATERIALIZE_DZ = INTERPRET
+
+
+@triton.jit
+def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY: tl.constexpr):
+    """float32 dz at ``offs``: read, or rebuilt from (dy, z) with the per-channel coefficients."""
+    if DZ_IN_MEMORY:
+        dz = tl.load(dz_ptr + offs, mask=valid, other=0.0)
+    else:
+        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0)
+        z = tl.load(z_ptr + offs, mask=valid, other=0.0)
+        dz = bn_relu_grad(dy, z, scale, shift, k1, k0, valid)
+    return dz
+
+
+@triton.jit
+def _bn_relu_bwd_kernel(
+    dy_ptr, z_ptr,  # (M, C) channels-last
+    scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C,) float32 coefficients of dz
+    dz_ptr,  # (M, C) float32
+    M, C,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    k1 = tl.load(k1_ptr + offs_c, mask=mask_c, other=0.0)
+    k0 = tl.load(k0_ptr + offs_c, mask=mask_c, other=0.0)
+    dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, mask, scale, shift, k1, k0, False)
+    tl.store(dz_ptr + offs, dz, mask=mask)
 
 
 @triton.jit
@@ -60,6 +100,7 @@ def _bn_bwd_reduce_kernel(
 @triton.jit
 def _bwd_dx_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
+    dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
     w_ptr,  # (C_out, CIN_G, 3, 3) contiguous
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dx_ptr,  # (N, H, W, C_in) channels-last
@@ -67,7 +108,7 @@ def _bwd_dx_kernel(
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DZ_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M input pixels × BLOCK_CI input channels; for each tap, the output pixel
     # that read this input pixel through that tap (if any) contributes dz[pixel] · w[tap].
@@ -108,9 +149,7 @@ def _bwd_dx_kernel(
                 pix = ((n * Ho + ho) * Wo + wo).to(tl.int64) * C_out
                 valid = linked[:, None] & mask_co[None, :]
                 offs = pix[:, None] + offs_co[None, :]
-                dy = tl.load(dy_ptr + offs, mask=valid, other=0.0)
-                z = tl.load(z_ptr + offs, mask=valid, other=0.0)
-                dz = bn_relu_grad(dy, z, scale, shift, k1, k0, valid)
+                dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)
                 b = tl.load(w_ptr + w_offs + (kh * 3 + kw), mask=w_mask, other=0.0)
                 acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
 
@@ -123,13 +162,14 @@ def _bwd_dx_kernel(
 def _bwd_dw_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
+    dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dw_part_ptr,  # (S, C_out, CIN_G, 9) float32 partials, one slice per pixel split
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G, STRIDE, PAD, CI_CHUNKS, SPLITS,
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DZ_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: split s of the output pixels, one tap, BLOCK_CO output channels ×
     # one BLOCK_CI chunk of the input channels of their groups: acc = Σ_m dz[m]ᵀ · x_tap[m].
@@ -166,9 +206,8 @@ def _bwd_dw_kernel(
         wo = offs_m % Wo
         valid = mask_m[:, None] & mask_co[None, :]
         offs = offs_m.to(tl.int64)[:, None] * C_out + offs_co[None, :]
-        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0)
-        z = tl.load(z_ptr + offs, mask=valid, other=0.0)
-        dz = bn_relu_grad(dy, z, scale, shift, k1, k0, valid).to(x_ptr.dtype.element_ty)
+        dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)
+        dz = dz.to(x_ptr.dtype.element_ty)
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
         inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -208,8 +247,20 @@ def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
     return sum_g.sum(0), sum_gx.sum(0)
 
 
-def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, config=None):
-    """dx (channels-last, weight's dtype) of the grouped conv, with dz rebuilt from (dy, z)."""
+def bn_relu_bwd(dy, z, coeffs):
+    """dz (float32, channels-last) of relu(BN(z)) from dy, for the MATERIALIZE_DZ path."""
+    n, c, h, w = z.shape
+    m = n * h * w
+    dz = torch.empty(z.shape, device=z.device, dtype=torch.float32, memory_format=torch.channels_last)
+    block_m, block_c = POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
+    _bn_relu_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+        dy, z, *coeffs, dz, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
+    return dz
+
+
+def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None):
+    """dx (channels-last, weight's dtype) of the grouped conv; dz read from ``dz`` when given,
+    else rebuilt from (dy, z)."""
     n, c_in, h, w = x_shape
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
@@ -218,15 +269,16 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, config=None
                      memory_format=torch.channels_last)
     grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci),)
     launch(
-        _bwd_dx_kernel, grid, config, dy, z, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
-        shape_bucket(n), BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        _bwd_dx_kernel, grid, config, dy, z, dz if dz is not None else dy, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
+        shape_bucket(n), BLOCK_CI=block_ci, BLOCK_CO=block_co, DZ_IN_MEMORY=dz is not None,
         UPCAST=INTERPRET and weight.dtype == torch.bfloat16, PRECISION=dot_precision(weight.dtype),
     )
     return dx
 
 
-def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, config=None):
-    """dw (weight's shape and dtype) of the grouped conv, with dz rebuilt from (dy, z)."""
+def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None):
+    """dw (weight's shape and dtype) of the grouped conv; dz read from ``dz`` when given, else
+    rebuilt from (dy, z)."""
     n, c_in, h, w = x.shape
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
@@ -239,8 +291,9 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, config=None):
     splits = _num_splits(n * ho * wo, x.device)
     dw_part = torch.zeros((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
     launch(
-        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config, x, dy, z, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
+        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config, x, dy, z,
+        dz if dz is not None else dy, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
         ci_chunks, splits, shape_bucket(n), BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
+        DZ_IN_MEMORY=dz is not None, UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
     )
     return dw_part.sum(0).view(c_out, cin_g, 3, 3).to(weight.dtype)

@@ -152,11 +152,13 @@ class _GroupedConvBNReLU(torch.autograd.Function):
             k1 = k0 = torch.zeros_like(scale)
         coeffs = (scale, shift, k1, k0)
         need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        dx = dw = None
+        dx = dw = dz = None
+        if _bwd.MATERIALIZE_DZ and (need_x or need_w):
+            dz = _bwd.bn_relu_bwd(dy, z, coeffs)
         if need_x:
-            dx = _bwd.conv_dx(dy, z, w, coeffs, x_shape, groups, stride, padding)
+            dx = _bwd.conv_dx(dy, z, w, coeffs, x_shape, groups, stride, padding, dz=dz)
         if need_w:
-            dw = _bwd.conv_dw(x, dy, z, w, coeffs, groups, stride, padding)
+            dw = _bwd.conv_dw(x, dy, z, w, coeffs, groups, stride, padding, dz=dz)
         # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
         dgamma = sum_gx if need_gamma else None
         dbeta = sum_g if need_beta else None

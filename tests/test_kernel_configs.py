@@ -57,9 +57,12 @@ def test_forward_every_config(cfg, shape, device):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dz_in_memory", [False, True], ids=["dz-rebuilt", "dz-in-memory"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_backward_every_config(cfg, shape, device):
+def test_backward_every_config(cfg, shape, dz_in_memory, device):
+    """dgrad and wgrad, with dz rebuilt from (dy, z) in the kernels (the GPU path) or written
+    once by ``bn_relu_bwd`` (the interpreter path)."""
     n, c_in, h, w, c_out, groups, stride = shape
     x, weight = _inputs(device, n, c_in, h, w, c_out, groups, seed=1)
     z = F.conv2d(x, weight, None, stride, 1, 1, groups).contiguous(memory_format=torch.channels_last)
@@ -68,10 +71,13 @@ def test_backward_every_config(cfg, shape, device):
     coeffs = (scale, shift, k1, k0)
     per_c = lambda v: v[:, None, None]  # noqa: E731
     dz = torch.where(z * per_c(scale) + per_c(shift) > 0, dy, 0) * per_c(scale) + z * per_c(k1) + per_c(k0)
-    dx = _bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, config=cfg)
+    dz_kernel = _bwd.bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
+    if dz_in_memory:
+        torch.testing.assert_close(dz_kernel, dz, atol=1e-5, rtol=1e-5)
+    dx = _bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, dz=dz_kernel, config=cfg)
     torch.testing.assert_close(dx, conv2d_input(x.shape, weight, dz, stride, 1, 1, groups),
                                atol=1e-4, rtol=1e-4)
-    dw = _bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, config=cfg)
+    dw = _bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, dz=dz_kernel, config=cfg)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dz, stride, 1, 1, groups),
                                atol=1e-3, rtol=1e-4)
 
