@@ -1,0 +1,672 @@
+"""Train or evaluate any ResNeXt, with or without the fused grouped conv + BN + ReLU kernels.
+
+Runs from a laptop without a GPU (the Triton kernels then run through Triton's interpreter) to a
+multi-GPU node (``torchrun``: DistributedDataParallel, NCCL on GPUs, gloo on CPUs)::
+
+    # Offline, no GPU, a few minutes: scikit-learn's bundled digits on a tiny ResNeXt.
+    python -m resnext.train --fused-kernels
+
+    # ImageNet with the paper's recipe (SGD, lr 0.1 per 256 images, x0.1 every 30 of 100 epochs).
+    torchrun --nproc_per_node=8 -m resnext.train --data /data/imagenet --fused-kernels --amp bf16 \\
+        --channels-last
+
+    # Throughput: random data, one epoch.
+    python -m resnext.train --synthetic --arch resnext101_32x8d --batch-size 128 --amp bf16
+
+    # Continue after Ctrl-C, a crash or a preemption; evaluate a checkpoint.
+    python -m resnext.train --resume runs/digits-resnext_tiny/last.pt
+    python -m resnext.train --resume runs/digits-resnext_tiny/best.pt --eval-only
+
+Defaults depend on the dataset (``DATASET_DEFAULTS``); every flag given on the command line
+overrides them. ``--lr`` is the absolute peak learning rate; left out, it is ``lr_base`` per 256
+images scaled linearly with the global batch (``--batch-size`` is per process). ``--resume``
+restores the checkpoint's config, and flags given alongside it override that config.
+
+Writes to ``--out`` (rank 0 only): ``metrics.jsonl`` (one JSON line per epoch), ``last.pt``
+(every epoch and on Ctrl-C/SIGTERM, written atomically), ``best.pt`` (best top-1 weights) and
+``curves.png``. Bad input exits with one ``error: ...`` line and status 2; a NaN loss stops the
+run with status 1 and keeps the last good checkpoint; an interrupted run exits with status 130.
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import resnext
+from resnext import data as data_lib
+from resnext.data import DataError
+
+__all__ = ["TrainConfig", "TrainError", "NonFiniteLossError", "DATASET_DEFAULTS", "parse_args",
+           "resolve_config", "setup_runtime", "build_data", "build_model", "build_optimizer",
+           "build_scheduler", "train_one_epoch", "recompute_bn_stats", "evaluate", "save_checkpoint", "load_checkpoint",
+           "plot_curves", "main"]
+
+
+class TrainError(ValueError):
+    """Bad input to the trainer (flags, checkpoint); main() prints it on one line and exits 2."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: Optional[str] = None          # ImageFolder root with train/ and val/; None: bundled digits
+    synthetic: bool = False             # random images (throughput runs); overrides --data
+    synthetic_samples: int = 2560       # training images per epoch with --synthetic
+    image_size: Optional[int] = None    # input side in pixels (train crop / val centre crop)
+    workers: Optional[int] = None       # DataLoader worker processes per rank
+    # model
+    arch: Optional[str] = None          # any name in resnext.list_models()
+    fused_kernels: bool = False         # grouped conv + BN + ReLU as one Triton kernel
+    channels_last: bool = False         # NHWC activations and weights
+    compile: bool = False               # torch.compile the model
+    # optimisation (torch's optimizers and schedulers; the schedule steps every iteration)
+    opt: Optional[str] = None           # "sgd" (with momentum) | "adamw"
+    epochs: Optional[int] = None        # total epochs
+    batch_size: Optional[int] = None    # images per step per process (global = x world size)
+    lr: Optional[float] = None          # peak learning rate; None: lr_base * global batch / 256
+    lr_base: Optional[float] = None     # learning rate per 256 images, used when lr is None
+    momentum: float = 0.9               # SGD momentum
+    weight_decay: Optional[float] = None  # on every parameter, as in the paper (decoupled for adamw)
+    schedule: Optional[str] = None      # "step": x lr_gamma every lr_step_epochs; "cosine": to 0
+    lr_step_epochs: int = 30            # step schedule period
+    lr_gamma: float = 0.1               # step schedule factor
+    warmup_epochs: Optional[float] = None  # linear warmup from 1% of lr, before either schedule
+    label_smoothing: float = 0.0        # cross-entropy label smoothing
+    precise_bn: Optional[int] = None    # before each evaluation, recompute BN statistics over this
+                                        # many training images (0: keep the running averages)
+    amp: Optional[str] = None           # autocast dtype: "bf16" | "fp16" (with a GradScaler) | None
+    # run
+    seed: int = 0                       # model init, shuffling and augmentation
+    out: Optional[str] = None           # output directory; None: runs/<dataset>-<arch>
+    resume: Optional[str] = None        # checkpoint to continue from (or to evaluate)
+    eval_only: bool = False             # evaluate and exit
+
+
+# Defaults per dataset; a flag given on the command line always wins.
+_SEED_RECIPE = dict(arch="resnext50_32x4d", image_size=224, opt="sgd", batch_size=32, lr_base=0.1,
+                    weight_decay=1e-4, schedule="step", warmup_epochs=0, precise_bn=0)
+DATASET_DEFAULTS = {
+    # The seed's recipe (Xie et al. 2017): SGD, 32 per GPU x 8 GPUs at lr 0.1, x0.1 every 30 epochs.
+    "imagenet": dict(_SEED_RECIPE, epochs=100, workers=8),
+    "synthetic": dict(_SEED_RECIPE, epochs=1, workers=2),
+    # Digits on 2 CPU cores through Triton's interpreter, where a step costs seconds: ~22 AdamW
+    # steps of 128 images at 16x16. BatchNorm's running averages (momentum 0.1) lag far behind
+    # weights that change this fast, so BN statistics are recomputed before each evaluation.
+    "digits": dict(arch="resnext_tiny", image_size=16, opt="adamw", epochs=2, batch_size=128,
+                   lr_base=0.012, weight_decay=0.05, schedule="cosine", warmup_epochs=0.25,
+                   precise_bn=512, workers=0),
+}
+_RUN_ONLY = ("resume", "eval_only")  # never restored from a checkpoint's config
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dataset_name(cfg: TrainConfig) -> str:
+    return "synthetic" if cfg.synthetic else "imagenet" if cfg.data else "digits"
+
+
+def parse_args(argv=None) -> dict:
+    """The flags actually given, as ``{field: value}`` (absent flags are left out)."""
+    p = argparse.ArgumentParser(prog="python -m resnext.train", description=__doc__.split("\n")[0],
+                                argument_default=None)
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: digits)")
+    p.add_argument("--synthetic", action=on_off, help="random data for throughput runs")
+    p.add_argument("--synthetic-samples", type=int, metavar="N")
+    p.add_argument("--image-size", type=int, metavar="PX")
+    p.add_argument("--workers", type=int, metavar="N")
+    p.add_argument("--arch", metavar="NAME", help=f"one of {', '.join(resnext.list_models())}")
+    p.add_argument("--fused-kernels", action=on_off, help="fused grouped conv + BN + ReLU kernels")
+    p.add_argument("--channels-last", action=on_off)
+    p.add_argument("--compile", action=on_off, help="torch.compile the model")
+    p.add_argument("--opt", choices=("sgd", "adamw"))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: lr_base x global batch / 256)")
+    p.add_argument("--lr-base", type=float, help="learning rate per 256 images")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=("step", "cosine"))
+    p.add_argument("--lr-step-epochs", type=int)
+    p.add_argument("--lr-gamma", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--precise-bn", type=int, metavar="N", help="recompute BN statistics over N images before evaluating")
+    p.add_argument("--amp", choices=tuple(_AMP_DTYPES))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR")
+    p.add_argument("--resume", metavar="PATH")
+    p.add_argument("--eval-only", action=on_off)
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+
+
+def resolve_config(overrides: dict, base: Optional[dict] = None, world_size: int = 1) -> TrainConfig:
+    """``base`` (a resumed run's config), then ``overrides``, then the dataset's defaults; checked."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in (base or {}).items() if k in names and k not in _RUN_ONLY}
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    for key, value in DATASET_DEFAULTS[dataset_name(cfg)].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.arch not in resnext.list_models():
+        raise TrainError(f"unknown --arch {cfg.arch!r}; choose from {', '.join(resnext.list_models())}")
+    for name in ("batch_size", "epochs", "image_size", "synthetic_samples"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("workers", "precise_bn"):
+        if getattr(cfg, name) < 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise TrainError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise TrainError(f"--warmup-epochs must be in [0, epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.lr is None:
+        cfg.lr = cfg.lr_base * cfg.batch_size * world_size / 256
+    if not cfg.lr > 0:
+        raise TrainError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", f"{dataset_name(cfg)}-{cfg.arch}")
+    return cfg
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def all_reduce(self, values, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or ``op``) a list of numbers over the ranks; a float64 tensor on this device."""
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t, op=op)
+        return t
+
+
+def setup_runtime() -> Runtime:
+    """One process per device; under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, dist.get_rank() if world_size > 1 else 0, world_size)
+
+
+def build_data(cfg: TrainConfig, rt: Runtime):
+    """Train and validation loaders: the train set shuffled and sharded per rank by a
+    :class:`~resnext.data.ResumableSampler`, the validation set split evenly with no padding."""
+    name = dataset_name(cfg)
+    if name == "digits":
+        splits = data_lib.build_digits(cfg.image_size)
+    elif name == "imagenet":
+        splits = data_lib.build_imagefolder(cfg.data, cfg.image_size)
+    else:
+        splits = data_lib.build_synthetic(cfg.image_size, cfg.synthetic_samples)
+    sampler = data_lib.ResumableSampler(splits.train, rt.world_size, rt.rank, cfg.seed)
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=rt.device.type == "cuda")
+    # Workers are seeded from the loader's own generator, reseeded every epoch (not from the
+    # global RNG), so a run resumed at an epoch boundary augments exactly as an uninterrupted one.
+    train = DataLoader(splits.train, sampler=sampler, drop_last=len(sampler) >= 2 * cfg.batch_size,
+                       generator=torch.Generator(), **common)
+    val = DataLoader(Subset(splits.val, range(rt.rank, len(splits.val), rt.world_size)), **common)
+    return train, val, splits.num_classes
+
+
+def build_model(cfg: TrainConfig, num_classes: int, rt: Runtime) -> nn.Module:
+    """The unwrapped model on ``rt.device`` (seeded: every rank builds the same weights)."""
+    if cfg.fused_kernels:
+        import kernels
+
+        try:
+            kernels.auto_select_backend()  # no GPU: Triton's interpreter, with a one-line notice
+        except RuntimeError as e:
+            raise TrainError(" ".join(str(e).split())) from None
+    torch.manual_seed(cfg.seed)
+    try:
+        model = resnext.create_model(cfg.arch, num_classes=num_classes, fused_kernels=cfg.fused_kernels)
+    except ImportError as e:
+        raise TrainError(f"--fused-kernels: the fused kernels cannot be imported ({e})") from None
+    model = model.to(rt.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.opt == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Per-iteration schedule: optional linear warmup, then step decay or cosine decay to 0."""
+    from torch.optim import lr_scheduler as S
+
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    if cfg.schedule == "cosine":
+        main_sched = S.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    else:
+        main_sched = S.StepLR(optimizer, step_size=cfg.lr_step_epochs * steps_per_epoch, gamma=cfg.lr_gamma)
+    if warmup == 0:
+        return main_sched
+    warm = S.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return S.SequentialLR(optimizer, [warm, main_sched], milestones=[warmup])
+
+
+class _StopSignal:
+    """Ctrl-C / SIGTERM during training asks the loop to stop at the next step boundary (so the
+    checkpoint is consistent); a second signal more than 2 s later stops at once."""
+
+    def __init__(self):
+        self.requested_at = None
+        self._previous = {}
+
+    def __enter__(self):
+        self.requested_at = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested_at is not None and time.monotonic() - self.requested_at > 2:
+            raise KeyboardInterrupt
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            print("\nstopping after this step and saving a checkpoint (signal again to abort)",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+
+def _autocast(cfg: TrainConfig, rt: Runtime):
+    return torch.autocast(rt.device.type, dtype=_AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None)
+
+
+def train_step(model, images, labels, criterion, optimizer, scheduler, scaler, cfg, rt) -> torch.Tensor:
+    """One SGD step; returns the (detached) loss."""
+    with _autocast(cfg, rt):
+        loss = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
+def _to_device(images, labels, cfg, rt):
+    images = images.to(rt.device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(rt.device, non_blocking=True)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg: TrainConfig, rt: Runtime,
+                    epoch: int, start_step: int = 0, partial=(0.0, 0, None), stop: Optional[_StopSignal] = None):
+    """Train one epoch (from ``start_step``, after a resume); returns a dict of metrics.
+
+    ``partial`` is the (loss sum, image count, last lr) of the steps done before a resume. Raises
+    :class:`NonFiniteLossError` on a NaN/inf loss. If ``stop`` is requested, returns early with
+    ``"stopped": True`` and the step reached.
+    """
+    model.train()
+    loader.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
+    loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+    log_every = 1 if rt.device.type == "cpu" else 20  # each check syncs the device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    seen, step = 0, start_step
+    lr = partial[2] if partial[2] is not None else optimizer.param_groups[0]["lr"]
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=start_step,
+               total=start_step + len(loader), disable=not rt.is_main, dynamic_ncols=True, leave=False,
+               mininterval=0.1 if sys.stderr.isatty() else 5.0)  # keep logs short
+    rt.sync()
+    t0 = time.perf_counter()
+    stopped = False
+    for images, labels in bar:
+        images, labels = _to_device(images, labels, cfg, rt)
+        lr = optimizer.param_groups[0]["lr"]
+        loss = train_step(model, images, labels, criterion, optimizer, scheduler, scaler, cfg, rt)
+        loss_sum += loss.double() * len(labels)
+        seen += len(labels)
+        step += 1
+        if step % log_every == 0 or step == start_step + len(loader):
+            # The same steps on every rank, so all of them stop (or raise) together.
+            total_loss, stop_votes = rt.all_reduce([loss_sum.item(), float(bool(stop and stop.requested))])
+            if not math.isfinite(total_loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}")
+            rt.sync()
+            rate = seen * rt.world_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.4g}")
+            if stop_votes > 0:
+                stopped = True
+                break
+    bar.close()
+    rt.sync()
+    elapsed = time.perf_counter() - t0
+    loss_total, count, images_total = rt.all_reduce([partial[0] + loss_sum.item(), partial[1] + seen, seen])
+    return {"train_loss": float(loss_total / max(count, 1)), "lr": lr,
+            "images_per_s": float(images_total / max(elapsed, 1e-9)), "train_time": elapsed,
+            "stopped": stopped, "step": step, "partial": (partial[0] + loss_sum.item(), partial[1] + seen, lr)}
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, dataset, cfg: TrainConfig, rt: Runtime) -> None:
+    """"Precise BN" (Wu & Johnson, arXiv:2105.07576): replace every BatchNorm's running mean and
+    variance by their average over the batches of the first ``cfg.precise_bn`` training images
+    (split over the ranks, then averaged), with the weights as they are now."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or cfg.precise_bn == 0:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    shard = Subset(dataset, range(rt.rank, min(cfg.precise_bn, len(dataset)), rt.world_size))
+    model.train()
+    for images, _ in DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.workers):
+        images, _ = _to_device(images, torch.empty(0), cfg, rt)
+        with _autocast(cfg, rt):
+            model(images)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        if rt.distributed:
+            for buf in (bn.running_mean, bn.running_var):
+                dist.all_reduce(buf)
+                buf /= rt.world_size
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, cfg: TrainConfig, rt: Runtime) -> dict:
+    """Validation loss, top-1 and top-5 (%) over the whole validation set, reduced over ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top-1, top-5, count
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, cfg, rt)
+        with _autocast(cfg, rt):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(labels[:, None])
+        sums += torch.stack([criterion(logits, labels).double() * len(labels), hits[:, :1].sum().double(),
+                             hits.sum().double(), torch.tensor(len(labels), dtype=torch.float64,
+                                                               device=rt.device)])
+    loss, top1, top5, n = rt.all_reduce(sums.tolist()).tolist()
+    n = max(n, 1)
+    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_images": int(n)}
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states(rt: Runtime) -> list:
+    """Every rank's RNG states, so that each resumes its own stream (ranks augment differently)."""
+    if not rt.distributed:
+        return [_rng_state()]
+    buf = io.BytesIO()
+    torch.save(_rng_state(), buf)  # all_gather_object cannot carry tensors on torch 2.13
+    blobs = [None] * rt.world_size
+    dist.all_gather_object(blobs, buf.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint (``weights_only``); a missing or unreadable file raises :class:`TrainError`."""
+    if not os.path.isfile(path):
+        raise TrainError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, ...: all mean "not a checkpoint"
+        raise TrainError(f"--resume {path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise TrainError(f"--resume {path}: not a checkpoint (holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+def _load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
+    try:
+        resnext.load_state_dict(model, ckpt)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise TrainError(f"--resume {path}: {'; '.join(line.strip() for line in str(e).splitlines())}") from None
+
+
+def plot_curves(metrics_path: str, png_path: str) -> None:
+    """Losses, accuracies and learning rate per epoch from ``metrics.jsonl``, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.plot(epochs, [r["top1"] for r in rows], "o-", label="top-1")
+    ax_acc.plot(epochs, [r["top5"] for r in rows], "o-", label="top-5")
+    ax_acc.set(title="validation accuracy (%)", xlabel="epoch")
+    ax_lr.plot(epochs, [r["lr"] for r in rows], "o-")
+    ax_lr.set(title="learning rate (last step)", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    FigureCanvasAgg(fig).print_png(png_path)
+
+
+def _final_line(m: dict, epochs: Optional[int] = None) -> str:
+    return (f"final top-1: {m['top1']:.2f}% (top-5 {m['top5']:.2f}%, val loss {m['val_loss']:.4f}) "
+            f"on {m['val_images']} held-out images" + (f" after {epochs} epochs" if epochs else ""))
+
+
+def _run(argv) -> int:
+    overrides = parse_args(argv)
+    rt = setup_runtime()
+    ckpt = load_checkpoint(overrides["resume"]) if overrides.get("resume") else None
+    base = ckpt.get("config") if ckpt else None
+    if ckpt is not None and "optimizer" not in ckpt and not overrides.get("eval_only"):
+        raise TrainError(f"--resume {overrides['resume']}: holds weights only (no config or optimizer "
+                         "state); use it with --eval-only")
+    cfg = resolve_config(overrides, base, rt.world_size)
+    if ckpt is not None and base is not None and base.get("arch") != cfg.arch:
+        raise TrainError(f"--resume {cfg.resume}: trained as {base.get('arch')}, not {cfg.arch}")
+
+    train_loader, val_loader, num_classes = build_data(cfg, rt)
+    model = build_model(cfg, num_classes, rt)
+    if ckpt is not None:
+        _load_weights(model, ckpt, cfg.resume)
+    raw_model = model
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    if cfg.eval_only:
+        m = evaluate(model, val_loader, criterion, cfg, rt)
+        if rt.is_main:
+            print(_final_line(m), flush=True)
+        return 0
+
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(cfg, raw_model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16")
+    start_epoch, start_step, partial, best = 0, 0, (0.0, 0, None), -1.0
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+            partial, best = tuple(ckpt["partial"]), float(ckpt["best_top1"])
+            rngs = ckpt["rng"]
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise TrainError(f"--resume {cfg.resume}: optimizer/scheduler state does not match "
+                             f"({' '.join(str(e).split())[:200]})") from None
+        if start_step > steps_per_epoch:
+            raise TrainError(f"--resume {cfg.resume}: stopped at step {start_step} of an epoch that now "
+                             f"has {steps_per_epoch} steps; keep the batch size and world size")
+        _set_rng_state(rngs[rt.rank] if len(rngs) == rt.world_size else rngs[0])
+    else:
+        torch.manual_seed(cfg.seed + rt.rank)  # augmentation differs between ranks
+        random.seed(cfg.seed + rt.rank)
+        np.random.seed(cfg.seed + rt.rank)
+
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
+    if rt.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        kept = []
+        if ckpt is not None and os.path.exists(metrics_path):  # drop epochs past the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+        print(f"{cfg.arch} on {dataset_name(cfg)}: {len(train_loader.dataset)} train / "
+              f"{len(val_loader.dataset) * rt.world_size} val images, {cfg.epochs} epochs of {steps_per_epoch} "
+              f"steps, global batch {cfg.batch_size * rt.world_size}, lr {cfg.lr:g}, {rt.world_size} x "
+              f"{rt.device.type}{', fused kernels' if cfg.fused_kernels else ''}; writing to {cfg.out}", flush=True)
+
+    def checkpoint(epoch, step, partial_sums):
+        rngs = _gather_rng_states(rt)
+        if rt.is_main:
+            save_checkpoint(last_path, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "step": step, "partial": list(partial_sums), "best_top1": best,
+                "config": dataclasses.asdict(cfg), "rng": rngs})
+
+    m = None
+    with _StopSignal() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            try:
+                tm = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, rt,
+                                     epoch, start_step, partial, stop)
+            except NonFiniteLossError as e:
+                if rt.is_main:
+                    kept = f"; the last good checkpoint is {last_path}" if os.path.exists(last_path) else ""
+                    print(f"error: stopping: {e}{kept}", file=sys.stderr, flush=True)
+                return 1
+            if tm["stopped"]:
+                checkpoint(epoch, tm["step"], tm["partial"])
+                if rt.is_main:
+                    print(f"interrupted at epoch {epoch + 1} step {tm['step']}: saved {last_path}; "
+                          f"continue with --resume {last_path}", file=sys.stderr, flush=True)
+                    plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
+                return 130
+            start_step, partial = 0, (0.0, 0, None)
+            recompute_bn_stats(raw_model, train_loader.dataset, cfg, rt)
+            m = evaluate(model, val_loader, criterion, cfg, rt)
+            row = {"epoch": epoch + 1, "train_loss": tm["train_loss"], "val_loss": m["val_loss"],
+                   "top1": m["top1"], "top5": m["top5"], "lr": tm["lr"], "images_per_s": tm["images_per_s"],
+                   "epoch_time": time.perf_counter() - t0}
+            is_best = m["top1"] > best
+            best = max(best, m["top1"])
+            checkpoint(epoch + 1, 0, (0.0, 0, None))
+            if rt.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if is_best:
+                    save_checkpoint(best_path, {"model": raw_model.state_dict(), "epoch": epoch + 1,
+                                                "top1": m["top1"], "config": dataclasses.asdict(cfg)})
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
+                           f"val loss {m['val_loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
+                           f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_time']:.1f} s")
+            if stop.requested:  # a signal during evaluation: the epoch's checkpoint is saved
+                if rt.is_main:
+                    print(f"interrupted after epoch {epoch + 1}: continue with --resume {last_path}",
+                          file=sys.stderr, flush=True)
+                return 130
+    if m is None:  # resumed a finished run: just evaluate
+        m = evaluate(model, val_loader, criterion, cfg, rt)
+    if rt.is_main:
+        plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
+        print(f"wrote {metrics_path}, {last_path}, {best_path} and curves.png")
+        print(_final_line(m, cfg.epochs), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status (2 with one ``error:`` line on bad input)."""
+    try:
+        return _run(argv)
+    except (TrainError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
