@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (INTERPRET, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
-                          group_channel_range, POINTWISE_BLOCK_M, launch, shape_bucket)
+                          group_channel_range, launch, pixel_coords, POINTWISE_BLOCK_M, shape_bucket)
 from ._fwd import dot_precision
 
 # Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
@@ -118,9 +118,7 @@ def _bwd_dx_kernel(
     M = N * H * W
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    n = offs_m // (H * W)
-    hi = (offs_m // W) % H
-    wi = offs_m % W
+    n, hi, wi = pixel_coords(offs_m, H, W)
     ci_start = pid_ci * BLOCK_CI
     offs_ci = ci_start + tl.arange(0, BLOCK_CI)
     mask_ci = offs_ci < C_in
@@ -201,9 +199,7 @@ def _bwd_dw_kernel(
     for m_start in range(row_start, row_end, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
-        n = offs_m // (Ho * Wo)
-        ho = (offs_m // Wo) % Ho
-        wo = offs_m % Wo
+        n, ho, wo = pixel_coords(offs_m, Ho, Wo)
         valid = mask_m[:, None] & mask_co[None, :]
         offs = offs_m.to(tl.int64)[:, None] * C_out + offs_co[None, :]
         dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)

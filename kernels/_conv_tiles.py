@@ -78,6 +78,12 @@ def min_block_m(kernel, config):
 
 
 @triton.jit
+def pixel_coords(offs_m, H, W):
+    """(n, h, w) of flat pixel indices into an (N, H, W) grid."""
+    return offs_m // (H * W), (offs_m // W) % H, offs_m % W
+
+
+@triton.jit
 def group_channel_range(tile_start, TILE, C_TILED, TILED_PER_GROUP, OTHER_PER_GROUP):
     """The channels on the *other* side of the block-diagonal weight that a channel tile needs.
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (INTERPRET, channel_tiles, conv_configs, dot_acc, group_channel_range,
-                          launch, min_block_m, POINTWISE_BLOCK_M, shape_bucket)
+                          launch, pixel_coords, min_block_m, POINTWISE_BLOCK_M, shape_bucket)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
@@ -44,9 +44,7 @@ def _fwd_kernel(
     M = N * Ho * Wo
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    n = offs_m // (Ho * Wo)
-    ho = (offs_m // Wo) % Ho
-    wo = offs_m % Wo
+    n, ho, wo = pixel_coords(offs_m, Ho, Wo)
     co_start = pid_co * BLOCK_CO
     offs_co = co_start + tl.arange(0, BLOCK_CO)
     mask_co = offs_co < C_out
