@@ -285,12 +285,20 @@ def write_results(data: dict, out_dir) -> dict:
     return paths
 
 
+def merge(runs: list) -> dict:
+    """Several pytest-benchmark JSONs of one GPU (e.g. blocks and models, run in separate calls)
+    as one: the first run's machine and commit info, every run's benchmarks."""
+    data = dict(runs[0])
+    data["benchmarks"] = [b for run in runs for b in run["benchmarks"]]
+    return data
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (from --benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON(s) (from --benchmark-json)")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    for kind, path in write_results(load(args.json), args.out_dir).items():
+    for kind, path in write_results(merge([load(p) for p in args.json]), args.out_dir).items():
         print(f"wrote {path}")
 
 

@@ -266,6 +266,18 @@ def test_report_cli(bench_json, tmp_path, capsys):
         report.main([str(tmp_path / "empty.json")])
 
 
+def test_report_merges_runs(bench_json, tmp_path):
+    """Blocks and models come from separate device calls: one report holds both."""
+    blocks = dict(bench_json, benchmarks=[b for b in bench_json["benchmarks"] if b["extra_info"]["op"] == "block"])
+    models = dict(bench_json, benchmarks=[b for b in bench_json["benchmarks"] if b["extra_info"]["op"] == "model"])
+    assert blocks["benchmarks"] and models["benchmarks"]
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    report.main([str(tmp_path / "blocks.json"), str(tmp_path / "models.json"), "--out-dir", str(tmp_path / "out")])
+    merged = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["records"]
+    assert merged == report.records(bench_json)
+
+
 def test_gpu_slug():
     assert report.gpu_slug("NVIDIA H200") == "nvidia-h200"
     assert report.gpu_slug("NVIDIA H100 PCIe") == "nvidia-h100-pcie"
