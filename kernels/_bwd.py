@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
-                          group_channel_range, launch, pixel_coords, POINTWISE_BLOCK_M, shape_bucket)
+from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, bn_relu_grad, channel_tiles, conv_configs,
+                          dot_acc, group_channel_range, launch, pixel_coords, prune_configs,
+                          shape_bucket)
 from ._fwd import dot_precision
 
 # Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
@@ -96,7 +97,8 @@ def _bn_bwd_reduce_kernel(
     tl.store(sum_gx_ptr + pid_s * C + offs_c, acc_gx, mask=mask_c)
 
 
-@triton.autotune(configs=conv_configs(), key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE"])
+@triton.autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+                 key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "DZ_IN_MEMORY"])
 @triton.jit
 def _bwd_dx_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
@@ -136,26 +138,26 @@ def _bwd_dx_kernel(
         # block-diagonal weight tile (BLOCK_CO, BLOCK_CI)
         w_mask = (offs_co[:, None] // COUT_G == g_ci[None, :]) & mask_co[:, None] & mask_ci[None, :]
         w_offs = offs_co[:, None] * (CIN_G * 9) + (offs_ci[None, :] - g_ci[None, :] * CIN_G) * 9
-        for kh in tl.static_range(3):
-            ho_s = hi + PAD - kh  # = ho · STRIDE when this tap links (ho, hi)
+        for tap in range(9):  # a runtime loop, as in the forward: one buffer per load per stage
+            ho_s = hi + PAD - tap // 3  # = ho · STRIDE when this tap links (ho, hi)
+            wo_s = wi + PAD - tap % 3
             ho = ho_s // STRIDE
-            for kw in tl.static_range(3):
-                wo_s = wi + PAD - kw
-                wo = wo_s // STRIDE
-                linked = (mask_m & (ho_s >= 0) & (wo_s >= 0) & (ho_s % STRIDE == 0)
-                          & (wo_s % STRIDE == 0) & (ho < Ho) & (wo < Wo))
-                pix = ((n * Ho + ho) * Wo + wo).to(tl.int64) * C_out
-                valid = linked[:, None] & mask_co[None, :]
-                offs = pix[:, None] + offs_co[None, :]
-                dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)
-                b = tl.load(w_ptr + w_offs + (kh * 3 + kw), mask=w_mask, other=0.0)
-                acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+            wo = wo_s // STRIDE
+            linked = (mask_m & (ho_s >= 0) & (wo_s >= 0) & (ho_s % STRIDE == 0)
+                      & (wo_s % STRIDE == 0) & (ho < Ho) & (wo < Wo))
+            pix = ((n * Ho + ho) * Wo + wo).to(tl.int64) * C_out
+            valid = linked[:, None] & mask_co[None, :]
+            offs = pix[:, None] + offs_co[None, :]
+            dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)
+            b = tl.load(w_ptr + w_offs + tap, mask=w_mask, other=0.0)
+            acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
 
     dx_offs = offs_m.to(tl.int64)[:, None] * C_in + offs_ci[None, :]
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
-@triton.autotune(configs=conv_configs(), key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE"])
+@triton.autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+                 key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "DZ_IN_MEMORY"])
 @triton.jit
 def _bwd_dw_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last

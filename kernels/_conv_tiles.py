@@ -50,10 +50,30 @@ def conv_configs(interpret=INTERPRET):
         return [triton.Config({"BLOCK_M": 8192}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+        # (256, 4, 2) was dropped: 182-255 registers and spills from 32 channels per group up
+        # (triton 3.9 AOT-compiled for sm_90)
         for block_m, warps, stages in [
-            (64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3), (256, 4, 2),
+            (64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3),
         ]
     ]
+
+
+# Pixel tile × widest channel tile × element size a config may pipeline. From compiling every
+# config for sm_90 (triton 3.9): past this, BLOCK_M=256 with 64-wide tiles overflowed H100's
+# 227 KiB of shared memory in wgrad, and in float32 from 32-wide tiles on, or spilled registers.
+TILE_BYTES_BUDGET = 16 * 1024
+
+
+def config_fits(config, block_co, block_ci, elem_size):
+    """Whether ``config`` is safe for channel tiles (block_co, block_ci) of elem_size-byte data."""
+    return config.kwargs["BLOCK_M"] * max(block_co, block_ci) * elem_size <= TILE_BYTES_BUDGET
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune ``early_config_prune``: keep the configs that fit (BLOCK_M=64 always does)."""
+    elem_size = next(v.element_size() for v in named_args.values() if hasattr(v, "element_size"))
+    fits = [c for c in configs if config_fits(c, kwargs["BLOCK_CO"], kwargs["BLOCK_CI"], elem_size)]
+    return fits or configs[:1]
 
 
 def shape_bucket(n):

@@ -10,15 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, channel_tiles, conv_configs, dot_acc, group_channel_range,
-                          launch, pixel_coords, min_block_m, POINTWISE_BLOCK_M, shape_bucket)
+from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, channel_tiles, conv_configs, dot_acc,
+                          group_channel_range, launch, min_block_m, pixel_coords, prune_configs,
+                          shape_bucket)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
 
 # Tuning runs write the partials of configs with other pixel tiles: zeroing the tile counts before
 # every run (and before the final one) keeps their stale tiles out of the statistics.
-@triton.autotune(configs=conv_configs(), key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE"],
+@triton.autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+                 key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "STORE", "COMPUTE_STATS"],
                  reset_to_zero=["count_part_ptr"])
 @triton.jit
 def _fwd_kernel(
@@ -58,16 +60,18 @@ def _fwd_kernel(
         # block-diagonal weight tile (BLOCK_CI, BLOCK_CO): zero where ci and co are in different groups
         w_mask = (offs_ci[:, None] // CIN_G == g_co[None, :]) & mask_ci[:, None] & mask_co[None, :]
         w_offs = offs_co[None, :] * (CIN_G * 9) + (offs_ci[:, None] - g_co[None, :] * CIN_G) * 9
-        for kh in tl.static_range(3):
-            hi = ho * STRIDE - PAD + kh
-            for kw in tl.static_range(3):
-                wi = wo * STRIDE - PAD + kw
-                inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                pix = ((n * H + hi) * W + wi).to(tl.int64) * C_in
-                a = tl.load(x_ptr + pix[:, None] + offs_ci[None, :],
-                            mask=inside[:, None] & mask_ci[None, :], other=0.0)
-                b = tl.load(w_ptr + w_offs + (kh * 3 + kw), mask=w_mask, other=0.0)
-                acc = dot_acc(a, b, acc, UPCAST, PRECISION)
+        # taps as a runtime loop, the one the compiler pipelines: it then buffers one x tile and
+        # one w tile per stage (nine unrolled taps took nine each, past H100's shared memory
+        # for 32-64 channels per group, seen compiling with triton 3.9 for sm_90)
+        for tap in range(9):
+            hi = ho * STRIDE - PAD + tap // 3
+            wi = wo * STRIDE - PAD + tap % 3
+            inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = ((n * H + hi) * W + wi).to(tl.int64) * C_in
+            a = tl.load(x_ptr + pix[:, None] + offs_ci[None, :],
+                        mask=inside[:, None] & mask_ci[None, :], other=0.0)
+            b = tl.load(w_ptr + w_offs + tap, mask=w_mask, other=0.0)
+            acc = dot_acc(a, b, acc, UPCAST, PRECISION)
 
     if COMPUTE_STATS:
         if STORE == 1:
@@ -215,12 +219,13 @@ def bn_stats(stats, count, bn_weight, bn_bias, running_mean, running_var, eps, m
     t, c = mean_part.shape
     mean, invstd, scale, shift = torch.empty((4, c), device=mean_part.device, dtype=torch.float32)
     update = running_mean is not None
-    block_c = min(64, triton.next_power_of_2(c))
+    # narrow channel blocks and long tile blocks: more programs, fewer dependent sweeps over T
+    block_c = min(32, triton.next_power_of_2(c))
     _bn_stats_kernel[(triton.cdiv(c, block_c),)](
         mean_part, m2_part, count_part, bn_weight, bn_bias,
         running_mean if update else mean, running_var if update else invstd,
         mean, invstd, scale, shift, t, c, float(count), eps, momentum,
-        UPDATE_RUNNING=update, BLOCK_T=64 if INTERPRET else 32, BLOCK_C=block_c,
+        UPDATE_RUNNING=update, BLOCK_T=256, BLOCK_C=block_c,
     )
     return mean, invstd, scale, shift
 

@@ -31,6 +31,8 @@ Limitations:
   bfloat16 ``tl.dot`` is wrong, so bfloat16 dots are widened to float32 there.
 """
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -102,6 +104,12 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
                          f"{x.shape[0]}x{h_out}x{w_out} for x of shape {tuple(x.shape)}")
 
 
+def _on_device(t):
+    """Triton launches on the *current* CUDA device: make it the tensor's (e.g. a DDP rank that
+    never called torch.cuda.set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _GroupedConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var,
@@ -138,6 +146,11 @@ class _GroupedConvBNReLU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        with _on_device(dy):
+            return _GroupedConvBNReLU._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, w, z, mean, invstd, scale, shift = ctx.saved_tensors
         stride, padding, groups, training, x_shape = ctx.conf
         dy = dy.contiguous(memory_format=torch.channels_last)
@@ -200,8 +213,9 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
     # decided here: inside Function.forward grad mode is always off
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, bn_weight, bn_bias))
-    return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                    stride, padding, groups, eps, momentum, bool(training), needs_grad)
+    with _on_device(x):
+        return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                        stride, padding, groups, eps, momentum, bool(training), needs_grad)
 
 
 def _check_modules(conv, bn):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from kernels import _bwd, _fwd
-from kernels._conv_tiles import conv_configs
+from kernels._conv_tiles import channel_tiles, config_fits, conv_configs
 
 CONFIGS = conv_configs(interpret=False)
 
@@ -28,6 +28,15 @@ def _config_id(cfg):
     return f"M{cfg.kwargs['BLOCK_M']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 
+def _skip_unless_shipped(cfg, c_in, c_out, groups, dtype=torch.float32):
+    """Autotuning prunes configs too big for the tiles (``prune_configs``): never launched there."""
+    cin_g, cout_g = c_in // groups, c_out // groups
+    tiles = [channel_tiles(cin_g, cout_g), channel_tiles(cout_g, cin_g)]  # forward/wgrad, dgrad
+    elem = torch.empty((), dtype=dtype).element_size()
+    if not all(config_fits(cfg, a, b, elem) for a, b in tiles):
+        pytest.skip("config pruned for these channel tiles (over the shared-memory budget)")
+
+
 def _inputs(device, n, c_in, h, w, c_out, groups, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c_in, h, w, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
@@ -39,6 +48,7 @@ def _inputs(device, n, c_in, h, w, c_out, groups, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_every_config(cfg, shape, device):
     n, c_in, h, w, c_out, groups, stride = shape
+    _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight = _inputs(device, n, c_in, h, w, c_out, groups)
     z_ref = F.conv2d(x, weight, None, stride, 1, 1, groups)
     z, stats = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z,
@@ -64,6 +74,7 @@ def test_backward_every_config(cfg, shape, dz_in_memory, device):
     """dgrad and wgrad, with dz rebuilt from (dy, z) in the kernels (the GPU path) or written
     once by ``bn_relu_bwd`` (the interpreter path)."""
     n, c_in, h, w, c_out, groups, stride = shape
+    _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight = _inputs(device, n, c_in, h, w, c_out, groups, seed=1)
     z = F.conv2d(x, weight, None, stride, 1, 1, groups).contiguous(memory_format=torch.channels_last)
     dy = torch.randn_like(z)
@@ -96,3 +107,15 @@ def test_weight_grad_pixel_splits(splits, device, monkeypatch):
                       stride, 1)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dy, stride, 1, 1, groups),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_group", [4, 32, 64])
+def test_prune_keeps_a_config_within_budget(per_group, dtype):
+    """Every tile keeps at least one config, and only configs within the budget survive."""
+    from kernels._conv_tiles import prune_configs
+
+    block_co, block_ci = channel_tiles(per_group, per_group)
+    x = torch.empty(1, dtype=dtype)
+    kept = prune_configs(CONFIGS, {"x_ptr": x}, BLOCK_CO=block_co, BLOCK_CI=block_ci)
+    assert kept and all(config_fits(c, block_co, block_ci, x.element_size()) for c in kept)
