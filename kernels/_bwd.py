@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, bn_relu_grad, channel_tiles, conv_configs,
-                          dot_acc, group_channel_range, launch, pixel_coords, prune_configs,
+from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, aligned, bn_relu_grad, channel_tiles,
+                          conv_configs, dot_acc, even_groups, group_channel_range, launch, pixel_coords, prune_configs,
                           shape_bucket)
 from ._fwd import dot_precision
 
@@ -110,7 +110,7 @@ def _bwd_dx_kernel(
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DZ_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M input pixels × BLOCK_CI input channels; for each tap, the output pixel
     # that read this input pixel through that tap (if any) contributes dz[pixel] · w[tap].
@@ -123,14 +123,14 @@ def _bwd_dx_kernel(
     n, hi, wi = pixel_coords(offs_m, H, W)
     ci_start = pid_ci * BLOCK_CI
     offs_ci = ci_start + tl.arange(0, BLOCK_CI)
-    mask_ci = offs_ci < C_in
+    mask_ci = (offs_ci < C_in) | EVEN_GROUPS
     g_ci = offs_ci // CIN_G
-    co_lo, co_hi = group_channel_range(ci_start, BLOCK_CI, C_in, CIN_G, COUT_G)
+    co_lo, co_hi = group_channel_range(ci_start, BLOCK_CI, C_in, CIN_G, COUT_G, BLOCK_CO, EVEN_GROUPS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
     for co_start in range(co_lo, co_hi, BLOCK_CO):
-        offs_co = co_start + tl.arange(0, BLOCK_CO)
-        mask_co = offs_co < co_hi
+        offs_co = aligned(co_start + tl.arange(0, BLOCK_CO), BLOCK_CO, EVEN_GROUPS)
+        mask_co = (offs_co < co_hi) | EVEN_GROUPS
         scale = tl.load(scale_ptr + offs_co, mask=mask_co, other=0.0)
         shift = tl.load(shift_ptr + offs_co, mask=mask_co, other=0.0)
         k1 = tl.load(k1_ptr + offs_co, mask=mask_co, other=0.0)
@@ -169,7 +169,7 @@ def _bwd_dw_kernel(
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-    DZ_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: split s of the output pixels, one tap, BLOCK_CO output channels ×
     # one BLOCK_CI chunk of the input channels of their groups: acc = Σ_m dz[m]ᵀ · x_tap[m].
@@ -183,11 +183,11 @@ def _bwd_dw_kernel(
     kw = tap % 3
     co_start = pid_co * BLOCK_CO
     offs_co = co_start + tl.arange(0, BLOCK_CO)
-    mask_co = offs_co < C_out
+    mask_co = (offs_co < C_out) | EVEN_GROUPS
     g_co = offs_co // COUT_G
-    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G)
-    offs_ci = ci_lo + chunk * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    mask_ci = offs_ci < ci_hi
+    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G, BLOCK_CI, EVEN_GROUPS)
+    offs_ci = aligned(ci_lo + chunk * BLOCK_CI + tl.arange(0, BLOCK_CI), BLOCK_CI, EVEN_GROUPS)
+    mask_ci = (offs_ci < ci_hi) | EVEN_GROUPS
     scale = tl.load(scale_ptr + offs_co, mask=mask_co, other=0.0)
     shift = tl.load(shift_ptr + offs_co, mask=mask_co, other=0.0)
     k1 = tl.load(k1_ptr + offs_co, mask=mask_co, other=0.0)
@@ -269,6 +269,7 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, co
     launch(
         _bwd_dx_kernel, grid, config, dy, z, dz if dz is not None else dy, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
         shape_bucket(n), BLOCK_CI=block_ci, BLOCK_CO=block_co, DZ_IN_MEMORY=dz is not None,
+        EVEN_GROUPS=even_groups(c_in, cin_g, cout_g, block_ci, block_co),
         UPCAST=INTERPRET and weight.dtype == torch.bfloat16, PRECISION=dot_precision(weight.dtype),
     )
     return dx
@@ -292,6 +293,7 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
         _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config, x, dy, z,
         dz if dz is not None else dy, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
         ci_chunks, splits, shape_bucket(n), BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
         DZ_IN_MEMORY=dz is not None, UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
     )
     return dw_part.sum(0).view(c_out, cin_g, 3, 3).to(weight.dtype)

@@ -103,16 +103,39 @@ def pixel_coords(offs_m, H, W):
     return offs_m // (H * W), (offs_m // W) % H, offs_m % W
 
 
+def even_groups(c_tiled, tiled_per_group, other_per_group, block_tiled, block_other):
+    """Whether every channel tile holds whole groups whose channels on the other side fill exactly
+    one tile (true for every ResNeXt width). Tile edges then need no masks and start on tile
+    boundaries, which lets the compiler vectorize the channel-contiguous loads."""
+    return (block_tiled % tiled_per_group == 0 and c_tiled % block_tiled == 0
+            and block_tiled // tiled_per_group * other_per_group == block_other)
+
+
 @triton.jit
-def group_channel_range(tile_start, TILE, C_TILED, TILED_PER_GROUP, OTHER_PER_GROUP):
+def group_channel_range(tile_start, TILE: tl.constexpr, C_TILED, TILED_PER_GROUP, OTHER_PER_GROUP,
+                        OTHER_TILE: tl.constexpr, EVEN_GROUPS: tl.constexpr):
     """The channels on the *other* side of the block-diagonal weight that a channel tile needs.
 
     A tile of TILE channels starting at ``tile_start`` (out of C_TILED, TILED_PER_GROUP per
     group) touches groups [g_first, g_last]; returns their channel range on the other side.
     """
-    g_first = tile_start // TILED_PER_GROUP
-    g_last = (tl.minimum(tile_start + TILE, C_TILED) - 1) // TILED_PER_GROUP
-    return g_first * OTHER_PER_GROUP, (g_last + 1) * OTHER_PER_GROUP
+    if EVEN_GROUPS:
+        lo = tile_start // TILE * OTHER_TILE
+        hi = lo + OTHER_TILE
+    else:
+        g_first = tile_start // TILED_PER_GROUP
+        g_last = (tl.minimum(tile_start + TILE, C_TILED) - 1) // TILED_PER_GROUP
+        lo = g_first * OTHER_PER_GROUP
+        hi = (g_last + 1) * OTHER_PER_GROUP
+    return lo, hi
+
+
+@triton.jit
+def aligned(offs, BLOCK: tl.constexpr, EVEN_GROUPS: tl.constexpr):
+    """Channel offsets of a tile; with EVEN_GROUPS, promise they start on a BLOCK boundary."""
+    if EVEN_GROUPS:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    return offs
 
 
 @triton.jit

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, channel_tiles, conv_configs, dot_acc,
-                          group_channel_range, launch, min_block_m, pixel_coords, prune_configs,
+from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, aligned, channel_tiles, conv_configs, dot_acc,
+                          even_groups, group_channel_range, launch, min_block_m, pixel_coords, prune_configs,
                           shape_bucket)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
@@ -35,7 +35,7 @@ def _fwd_kernel(
     # meta-parameters
     STORE: tl.constexpr, COMPUTE_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M output pixels × BLOCK_CO output channels (several whole groups when
     # groups are narrow), accumulating 9 taps × the groups' input channels in float32.
@@ -49,14 +49,14 @@ def _fwd_kernel(
     n, ho, wo = pixel_coords(offs_m, Ho, Wo)
     co_start = pid_co * BLOCK_CO
     offs_co = co_start + tl.arange(0, BLOCK_CO)
-    mask_co = offs_co < C_out
+    mask_co = (offs_co < C_out) | EVEN_GROUPS
     g_co = offs_co // COUT_G
-    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G)
+    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G, BLOCK_CI, EVEN_GROUPS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_CO), dtype=tl.float32)
     for ci_start in range(ci_lo, ci_hi, BLOCK_CI):
-        offs_ci = ci_start + tl.arange(0, BLOCK_CI)
-        mask_ci = offs_ci < ci_hi
+        offs_ci = aligned(ci_start + tl.arange(0, BLOCK_CI), BLOCK_CI, EVEN_GROUPS)
+        mask_ci = (offs_ci < ci_hi) | EVEN_GROUPS
         # block-diagonal weight tile (BLOCK_CI, BLOCK_CO): zero where ci and co are in different groups
         w_mask = (offs_ci[:, None] // CIN_G == g_co[None, :]) & mask_ci[:, None] & mask_co[None, :]
         w_offs = offs_co[None, :] * (CIN_G * 9) + (offs_ci[:, None] - g_co[None, :] * CIN_G) * 9
@@ -208,6 +208,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
         out if out is not None else dummy, mean_part, m2_part, count_part,
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, shape_bucket(n),
         STORE=store, COMPUTE_STATS=compute_stats, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
         UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
     )
     return out, stats
