@@ -106,7 +106,8 @@ def _bwd_dx_kernel(
     w_ptr,  # (C_out, CIN_G, 3, 3) contiguous
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dx_ptr,  # (N, H, W, C_in) channels-last
-    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G, STRIDE, PAD,
+    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
+    STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
@@ -165,7 +166,9 @@ def _bwd_dw_kernel(
     dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dw_part_ptr,  # (S, C_out, CIN_G, 9) float32 partials, one slice per pixel split
-    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G, STRIDE, PAD, CI_CHUNKS, SPLITS,
+    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
+    STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
+    CI_CHUNKS, SPLITS,
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,

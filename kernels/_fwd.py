@@ -30,7 +30,8 @@ def _fwd_kernel(
     y_ptr,  # (N, Ho, Wo, C_out) channels-last: z or relu(z·scale + shift)
     mean_part_ptr, m2_part_ptr,  # (T_max, C_out) float32, T_max ≥ cdiv(M, BLOCK_M)
     count_part_ptr,  # (T_max,) float32, zero-initialised
-    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G, STRIDE, PAD,
+    N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
+    STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
     N_BUCKET,  # autotune key only
     # meta-parameters
     STORE: tl.constexpr, COMPUTE_STATS: tl.constexpr,
