@@ -28,7 +28,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import _bwd, _fwd  # noqa: E402
-from kernels._conv_tiles import channel_tiles, config_fits, conv_configs, even_groups  # noqa: E402
+from kernels._conv_tiles import (channel_tiles, config_fits, conv_configs, dot_options,  # noqa: E402
+                                 even_groups)
 
 H100_SHARED_LIMIT = 232_448  # bytes per block (227 KiB) on sm_90
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -44,8 +45,7 @@ def kernel_specs(name, dtype, per_group, groups=32):
     for a stride-1 ResNeXt block with ``per_group`` channels per group in and out."""
     t, f32 = "*" + _TL[dtype], "*fp32"
     c = per_group * groups
-    prec = "tf32" if dtype == torch.float32 else "ieee"
-    base = dict(UPCAST=False, PRECISION=prec, STRIDE=1, PAD=1)
+    base = dict(dot_options(dtype), STRIDE=1, PAD=1)  # as the launchers pass them
     if name == "fwd":
         block_co, block_ci = channel_tiles(per_group, per_group)
         ptrs = dict(x_ptr=t, w_ptr=t, scale_ptr=f32, shift_ptr=f32, y_ptr=t, mean_part_ptr=f32,

@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, aligned, bn_relu_grad, channel_tiles,
-                          conv_configs, dot_acc, even_groups, group_channel_range, launch, pixel_coords, prune_configs,
-                          shape_bucket)
-from ._fwd import dot_precision
+from ._conv_tiles import (INTERPRET, aligned, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
+                          dot_options, even_groups, group_channel_range, launch, pixel_coords,
+                          pointwise_tiles, prune_configs, shape_bucket)
 
 # Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
 # the element-wise work 9 times (once per tap), which dominates under the interpreter.
@@ -238,7 +237,7 @@ def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
     n, c, h, w = z.shape
     m = n * h * w
     splits = _num_splits(m, z.device)
-    block_m, block_c = POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
+    block_m, block_c = pointwise_tiles(c)
     rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     sum_g = torch.empty((splits, c), device=z.device, dtype=torch.float32)
     sum_gx = torch.empty((splits, c), device=z.device, dtype=torch.float32)
@@ -253,7 +252,7 @@ def bn_relu_bwd(dy, z, coeffs):
     n, c, h, w = z.shape
     m = n * h * w
     dz = torch.empty(z.shape, device=z.device, dtype=torch.float32, memory_format=torch.channels_last)
-    block_m, block_c = POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
+    block_m, block_c = pointwise_tiles(c)
     _bn_relu_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
         dy, z, *coeffs, dz, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return dz
@@ -270,10 +269,11 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, co
                      memory_format=torch.channels_last)
     grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci),)
     launch(
-        _bwd_dx_kernel, grid, config, dy, z, dz if dz is not None else dy, weight, *coeffs, dx, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
-        shape_bucket(n), BLOCK_CI=block_ci, BLOCK_CO=block_co, DZ_IN_MEMORY=dz is not None,
-        EVEN_GROUPS=even_groups(c_in, cin_g, cout_g, block_ci, block_co),
-        UPCAST=INTERPRET and weight.dtype == torch.bfloat16, PRECISION=dot_precision(weight.dtype),
+        _bwd_dx_kernel, grid, config,
+        dy, z, dz if dz is not None else dy, weight, *coeffs, dx,
+        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, shape_bucket(n),
+        BLOCK_CI=block_ci, BLOCK_CO=block_co, DZ_IN_MEMORY=dz is not None,
+        EVEN_GROUPS=even_groups(c_in, cin_g, cout_g, block_ci, block_co), **dot_options(weight.dtype),
     )
     return dx
 
@@ -293,10 +293,10 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
     splits = _num_splits(n * ho * wo, x.device)
     dw_part = torch.zeros((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
     launch(
-        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config, x, dy, z,
-        dz if dz is not None else dy, *coeffs, dw_part, n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding,
-        ci_chunks, splits, shape_bucket(n), BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
-        DZ_IN_MEMORY=dz is not None, UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
+        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config,
+        x, dy, z, dz if dz is not None else dy, *coeffs, dw_part,
+        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, ci_chunks, splits, shape_bucket(n),
+        BLOCK_CO=block_co, BLOCK_CI=block_ci, DZ_IN_MEMORY=dz is not None,
+        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci), **dot_options(x.dtype),
     )
     return dw_part.sum(0).view(c_out, cin_g, 3, 3).to(weight.dtype)

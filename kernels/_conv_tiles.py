@@ -10,6 +10,7 @@ is memory-bound (see ``shared/KERNEL-NOTES.md``).
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -38,6 +39,20 @@ def channel_tiles(cin_per_group, cout_per_group):
     groups_per_tile = max(1, block_co // cout_per_group)
     block_ci = min(MAX_CHANNEL_TILE, max(MIN_DOT, triton.next_power_of_2(cin_per_group * groups_per_tile)))
     return block_co, block_ci
+
+
+def pointwise_tiles(c):
+    """(BLOCK_M, BLOCK_C) of the pointwise and reduction kernels over (pixels, C) tensors."""
+    return POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
+
+
+def dot_options(dtype):
+    """The ``UPCAST`` and ``PRECISION`` meta-parameters of ``dot_acc`` for operands of ``dtype``.
+
+    float32 convs use TF32 exactly when cuDNN would (``torch.backends.cudnn.allow_tf32``).
+    """
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee")
 
 
 def conv_configs(interpret=INTERPRET):

@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, POINTWISE_BLOCK_M, aligned, channel_tiles, conv_configs, dot_acc,
-                          even_groups, group_channel_range, launch, min_block_m, pixel_coords, prune_configs,
-                          shape_bucket)
+from ._conv_tiles import (aligned, channel_tiles, conv_configs, dot_acc, dot_options,
+                          even_groups, group_channel_range, launch, min_block_m, pixel_coords,
+                          pointwise_tiles, prune_configs, shape_bucket)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
@@ -166,13 +166,6 @@ def _bn_relu_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def dot_precision(dtype):
-    """float32 convs use TF32 exactly when cuDNN would (``torch.backends.cudnn.allow_tf32``)."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def out_size(size, stride, padding):
     return (size + 2 * padding - 3) // stride + 1
 
@@ -205,12 +198,12 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
     mean_part, m2_part, count_part = stats if compute_stats else (dummy, dummy, dummy)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, block_co),)
     launch(
-        _fwd_kernel, grid, config, x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
+        _fwd_kernel, grid, config,
+        x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
         out if out is not None else dummy, mean_part, m2_part, count_part,
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, shape_bucket(n),
         STORE=store, COMPUTE_STATS=compute_stats, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
-        UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
+        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci), **dot_options(x.dtype),
     )
     return out, stats
 
@@ -237,7 +230,7 @@ def bn_relu(z, scale, shift):
     n, c, h, w = z.shape
     y = torch.empty_like(z, memory_format=torch.channels_last)
     m = n * h * w
-    block_m, block_c = POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
+    block_m, block_c = pointwise_tiles(c)
     _bn_relu_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
         z, scale, shift, y, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return y
