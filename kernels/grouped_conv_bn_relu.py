@@ -24,6 +24,8 @@ channels-last tensors for speed.
 Limitations:
 * 3x3 filters, dilation 1, stride 1 or 2, symmetric integer padding; no conv bias (BatchNorm
   follows). Other filters raise ValueError rather than falling back to PyTorch.
+* At least one input and one output channel, and an output of at least 1x1 (ValueError otherwise;
+  an empty batch, N = 0, is computed).
 * float32, float16, bfloat16 activations (float32 accumulation); BatchNorm tensors float32.
   float32 convolutions use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` says cuDNN would.
 * CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` set before
@@ -70,9 +72,17 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 2:
         raise ValueError(f"padding must be an int in [0, 2] (the same on both sides), got {padding!r}")
+    # Degenerate sizes: N = 0 is computed (an empty batch, as PyTorch does); the others are refused
+    # here, before any kernel runs (PyTorch itself refuses C_out = 0 and outputs of size 0, and for
+    # C_in = 0 returns an (N, 0, H, W) tensor rather than the C_out channels a conv defines).
+    if c_in == 0:
+        raise ValueError(f"x has no input channels (shape {tuple(x.shape)}): a convolution needs C_in >= 1")
+    if c_out == 0:
+        raise ValueError(f"weight has no output channels (shape {tuple(weight.shape)}): C_out must be >= 1")
     h_out, w_out = ((s + 2 * padding - 3) // stride + 1 for s in x.shape[2:])
-    if x.shape[0] < 1 or h_out < 1 or w_out < 1:
-        raise ValueError(f"x of shape {tuple(x.shape)} gives an empty output with padding={padding}")
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"x of spatial size {tuple(x.shape[2:])} is smaller than the 3x3 filter with "
+                         f"padding={padding}: the output would be {h_out}x{w_out}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
     if not 0.0 <= momentum <= 1.0:
@@ -99,9 +109,68 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
         raise ValueError(f"x must be a CUDA tensor (or CPU under the interpreter), got device {x.device}")
     if not training and (bn_tensors["running_mean"] is None or bn_tensors["running_var"] is None):
         raise ValueError("running_mean and running_var are required when training=False")
-    if training and x.shape[0] * h_out * w_out < 2:
+    if training and x.shape[0] * h_out * w_out == 1:
         raise ValueError(f"training BatchNorm needs more than 1 value per channel, got output "
                          f"{x.shape[0]}x{h_out}x{w_out} for x of shape {tuple(x.shape)}")
+
+
+def suggest_memory_format(t):
+    """``t.suggest_memory_format()`` of a 4-D tensor, as PyTorch computes it from the exact strides.
+
+    conv2d picks its output layout with this rule (channels_last when the input or the weight
+    suggests it; c10's ``is_channels_last_strides_2d``). ``t.is_contiguous(memory_format=...)`` is
+    no substitute: a tensor with one channel, or 1x1 pixels, is "contiguous" in both formats.
+    """
+    size, stride = t.shape, t.stride()
+    if stride[1] == 0:
+        return torch.contiguous_format
+    least = 0
+    for d in (1, 3, 2, 0):  # channels innermost, then W, H, N
+        if size[d] == 0 or stride[d] < least:
+            return torch.contiguous_format
+        if d == 0 and least == stride[1]:  # N111-like: ambiguous, PyTorch defaults to NCHW
+            return torch.contiguous_format
+        least = stride[d] * size[d]
+    return torch.channels_last
+
+
+def _standard_strides(shape, memory_format):
+    n, c, h, w = shape
+    if memory_format == torch.channels_last:
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
+
+
+def _is_dense(t):
+    """Non-overlapping and dense: some permutation of ``t``'s dims is contiguous."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def _with_strides(t, strides):
+    """``t`` laid out with exactly ``strides``: a free restride when the memory order is already
+    that one (dims of size 1 differ only in name), else a copy."""
+    if t.stride() == tuple(strides):
+        return t
+    if all(a == b for a, b, sz in zip(t.stride(), strides, t.shape) if sz != 1):
+        return t.as_strided(t.shape, strides)
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _output_strides(x, weight, shape):
+    """conv2d's output layout: channels_last when x or the weight suggests it, else NCHW."""
+    cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight))
+    return _standard_strides(shape, torch.channels_last if cl else torch.contiguous_format)
+
+
+def _grad_strides(x):
+    """dx gets the layout x had (its exact strides when x is dense, else its suggested format)."""
+    return x.stride() if _is_dense(x) else _standard_strides(x.shape, suggest_memory_format(x))
 
 
 def _on_device(t):
@@ -114,6 +183,15 @@ class _GroupedConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var,
                 stride, padding, groups, eps, momentum, training, needs_grad):
+        ho, wo = (_fwd.out_size(size, stride, padding) for size in x.shape[2:])
+        y_strides = _output_strides(x, weight, (x.shape[0], weight.shape[0], ho, wo))
+        ctx.conf = (stride, padding, groups, training, x.shape, _grad_strides(x))
+        if x.shape[0] == 0:  # an empty batch: an empty output and zero gradients, as in PyTorch
+            ctx.empty_batch = True
+            ctx.save_for_backward(x, weight)
+            return torch.empty_strided((0, weight.shape[0], ho, wo), y_strides, dtype=x.dtype,
+                                       device=x.device)
+        ctx.empty_batch = False
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w = weight.contiguous()
         if training:
@@ -135,13 +213,10 @@ class _GroupedConvBNReLU(torch.autograd.Function):
                 z, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_Z)
             y = _fwd.bn_relu(z, scale, shift)
             ctx.save_for_backward(x_cl, w, z, mean, invstd, scale, shift)
-            ctx.conf = (stride, padding, groups, training, x.shape)
         else:
             y, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_BN_RELU,
                                      scale=scale, shift=shift)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return y
-        return y.contiguous()
+        return _with_strides(y, y_strides)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -151,8 +226,16 @@ class _GroupedConvBNReLU(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
+        stride, padding, groups, training, x_shape, dx_strides = ctx.conf
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        if ctx.empty_batch:  # every gradient is a sum over no pixels
+            x, w = ctx.saved_tensors
+            c_out = w.shape[0]
+            zeros = lambda: torch.zeros(c_out, device=w.device, dtype=torch.float32)  # noqa: E731
+            return (torch.empty_strided(x.shape, dx_strides, dtype=x.dtype, device=x.device) if need_x else None,
+                    torch.zeros_like(w) if need_w else None, zeros() if need_gamma else None,
+                    zeros() if need_beta else None, *[None] * 9)
         x, w, z, mean, invstd, scale, shift = ctx.saved_tensors
-        stride, padding, groups, training, x_shape = ctx.conf
         dy = dy.contiguous(memory_format=torch.channels_last)
         if dy.dtype != z.dtype:
             dy = dy.to(z.dtype)
@@ -164,12 +247,12 @@ class _GroupedConvBNReLU(torch.autograd.Function):
         else:
             k1 = k0 = torch.zeros_like(scale)
         coeffs = (scale, shift, k1, k0)
-        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
         dx = dw = dz = None
         if _bwd.MATERIALIZE_DZ and (need_x or need_w):
             dz = _bwd.bn_relu_bwd(dy, z, coeffs)
         if need_x:
-            dx = _bwd.conv_dx(dy, z, w, coeffs, x_shape, groups, stride, padding, dz=dz)
+            dx = _with_strides(_bwd.conv_dx(dy, z, w, coeffs, x_shape, groups, stride, padding, dz=dz),
+                               dx_strides)
         if need_w:
             dw = _bwd.conv_dw(x, dy, z, w, coeffs, groups, stride, padding, dz=dz)
         # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
@@ -194,7 +277,9 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
     Under ``torch.autocast`` x and weight are cast to the autocast dtype first, as conv2d is.
 
     Returns:
-        (N, C_out, H_out, W_out) in x's dtype and memory format.
+        (N, C_out, H_out, W_out) in x's dtype, in conv2d's memory format: channels_last when x or
+        the weight suggests it by its strides (``suggest_memory_format``), else NCHW. The gradient
+        of x has x's layout. An empty batch (N = 0) gives an empty output and zero gradients.
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
