@@ -1,7 +1,8 @@
 """Benchmark options, the GPU check, and the session-wide facts every record carries.
 
 Without a usable CUDA GPU (none present, or Triton's interpreter switched on) every benchmark is
-still collected and then skipped with a reason, so ``pytest benchmarks/ --benchmark-only`` exits 0.
+still collected and then skipped with a reason, so ``pytest benchmarks/ --benchmark-only`` exits 0,
+and the run says why in one line (``skip_summary``), even under ``-q``.
 """
 
 import gc
@@ -17,6 +18,7 @@ HAS_GPU = torch.cuda.is_available() and not kernels.interpreter_enabled()
 NO_GPU_REASON = ("needs a CUDA GPU with Triton's interpreter off" +
                  ("" if torch.cuda.is_available() else " (no CUDA GPU found)"))
 ALL_DTYPES = ("bfloat16", "float16", "float32")
+SUMMARY_PREFIX = "resnext-fused benchmarks:"
 
 
 def pytest_addoption(parser):
@@ -27,6 +29,9 @@ def pytest_addoption(parser):
                     help="comma-separated dtypes for the block benchmarks; default %(default)s")
     group.addoption("--bench-max-autotune", action="store_true",
                     help="compile provider: torch.compile(mode='max-autotune-no-cudagraphs')")
+    group.addoption("--bench-profile-calls", type=int, default=3,
+                    help="fused block cases: calls profiled after the timed ones for the time of each "
+                         "kernel (extra_info['kernels']); 0 turns it off; default %(default)s")
 
 
 def pytest_configure(config):
@@ -35,6 +40,8 @@ def pytest_configure(config):
         raise pytest.UsageError(f"--bench-dtypes: expected a subset of {ALL_DTYPES}, got {names}")
     if config.getoption("--bench-batch") < 1:
         raise pytest.UsageError("--bench-batch must be >= 1")
+    if config.getoption("--bench-profile-calls") < 0:
+        raise pytest.UsageError("--bench-profile-calls must be >= 0")
     config.bench_dtypes = names  # read by the block benchmarks' pytest_generate_tests
 
 
@@ -48,6 +55,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") and here in Path(item.path).parents:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Count this folder's GPU benchmarks left after ``-k``/``-m`` deselection, for the summary."""
+    here = Path(__file__).parent
+    session.config.bench_gpu_cases = sum(
+        1 for item in session.items if item.get_closest_marker("gpu") and here in Path(item.path).parents)
+
+
+def skip_summary(skipped: int, cases: int, reason: str = NO_GPU_REASON) -> str | None:
+    """The one line saying why benchmarks were skipped, or None when none was skipped for it."""
+    if not skipped:
+        return None
+    counted = f"all {cases} cases" if skipped == cases else f"{skipped} of {cases} cases"
+    return f"{SUMMARY_PREFIX} {counted} skipped: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Without a GPU, pytest alone would end on "390 skipped" (and, under ``-q``, show no header)."""
+    if HAS_GPU:
+        return
+    here = Path(__file__).parent
+    skipped = sum(1 for rep in terminalreporter.stats.get("skipped", [])
+                  if here in (config.rootpath / rep.nodeid.split("::")[0]).parents  # tests/ has its own GPU skips
+                  and isinstance(rep.longrepr, tuple) and rep.longrepr[-1] == f"Skipped: {NO_GPU_REASON}")
+    line = skip_summary(skipped, getattr(config, "bench_gpu_cases", skipped))
+    if line:
+        terminalreporter.write_line(line)
 
 
 def _compile_mode(config) -> str | None:
@@ -84,12 +119,13 @@ def versions() -> dict:
 
 def pytest_report_header(config):
     if not HAS_GPU:
-        return [f"benchmarks: every GPU case will be skipped: {NO_GPU_REASON}"]
+        return [f"{SUMMARY_PREFIX} every case will be skipped: {NO_GPU_REASON}"]
     v = versions()
     return [f"benchmarks: nvidia-smi: {_nvidia_smi()}",
             f"benchmarks: torch {v['torch']} (CUDA {v['cuda']}), cuDNN {v['cudnn']}, triton {v['triton']}, "
             f"batch {config.getoption('--bench-batch')}, dtypes {','.join(config.bench_dtypes)}, "
-            f"compile mode {_compile_mode(config) or 'default'}"]
+            f"compile mode {_compile_mode(config) or 'default'}, "
+            f"kernel profile calls {config.getoption('--bench-profile-calls')}"]
 
 
 def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -150,6 +186,11 @@ def bench_batch(request) -> int:
 @pytest.fixture
 def compile_mode(request) -> str | None:
     return _compile_mode(request.config)
+
+
+@pytest.fixture
+def profile_calls(request) -> int:
+    return request.config.getoption("--bench-profile-calls")
 
 
 @pytest.fixture(autouse=True)

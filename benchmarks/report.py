@@ -11,13 +11,15 @@ Where the numbers come from: a block's ``median_ms`` is the benchmark's ``extra_
 TFLOP/s, GB/s and the roofline fraction are recomputed here from it with the ``flops``, ``bytes``
 and ``copy_gbps`` the benchmark recorded. A model's ``images_per_s`` is ``batch`` divided by
 pytest-benchmark's ``stats.median`` (seconds per step). Speedups are computed here, between records
-of the same configuration.
+of the same configuration. A fused block's ``kernels`` (GPU time per call of each kernel, from
+torch.profiler after the timed calls) is carried over as recorded, slowest first.
 """
 
 import argparse
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from benchmarks.shapes import MODES, throughput
 
 BLOCK_KEYS = ("op", "arch", "stage", "shape", "groups", "stride", "dtype", "mode", "provider",
               "median_ms", "tflops", "gbps", "roofline")
+KERNELS_KEY = "kernels"  # optional, after BLOCK_KEYS: {kernel name: ms per call}, fused blocks only
 MODEL_KEYS = ("op", "arch", "mode", "batch", "dtype", "provider", "images_per_s")
+TOP_KERNELS = 3  # kernels named per fused block in the .md; the rest are summed
 PROVIDERS = ("cudnn", "compile", "fused")
 DTYPES = ("bfloat16", "float16", "float32")
 GOAL_DTYPE = "bfloat16"
@@ -41,13 +45,24 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
 
 
+class ReportError(Exception):
+    """An input the report cannot use; ``main`` prints it as one ``error:`` line and exits 2."""
+
+
 def load(path) -> dict:
-    text = Path(path).read_text()
+    """A pytest-benchmark JSON; ReportError naming the file and what is wrong with it."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:  # missing, a directory, unreadable, not text
+        raise ReportError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from e
     if not text.strip():
-        raise SystemExit(f"{path} is empty: no benchmark ran (no GPU?), nothing to report")
-    data = json.loads(text)
-    if not isinstance(data, dict) or "benchmarks" not in data:
-        raise SystemExit(f"{path} is not a pytest-benchmark JSON (no 'benchmarks' key)")
+        raise ReportError(f"{path}: empty: no benchmark ran (no GPU?), nothing to report")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ReportError(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)")
     return data
 
 
@@ -60,7 +75,9 @@ def records(data: dict) -> list[dict]:
             rec = {k: info[k] for k in BLOCK_KEYS if k not in ("tflops", "gbps", "roofline")}
             rec["shape"] = list(rec["shape"])
             rec.update(throughput(info["flops"], info["bytes"], rec["median_ms"], info.get("copy_gbps")))
-            out.append({k: rec[k] for k in BLOCK_KEYS})
+            if info.get(KERNELS_KEY):
+                rec[KERNELS_KEY] = dict(sorted(info[KERNELS_KEY].items(), key=lambda kv: (-kv[1], kv[0])))
+            out.append({k: rec[k] for k in (*BLOCK_KEYS, KERNELS_KEY) if k in rec})
         elif info.get("op") == "model":
             rec = {k: info[k] for k in MODEL_KEYS if k != "images_per_s"}
             rec["images_per_s"] = rec["batch"] / bench["stats"]["median"]
@@ -162,6 +179,57 @@ def goals(recs) -> list[tuple[str, str, float | None, bool | None]]:
     return out
 
 
+def short_kernel_name(name: str, width: int = 60) -> str:
+    """A kernel name fit for a table cell: a C++ kernel (``void f<...>(args)``) loses ``void``, its
+    parameter list and ``at::native::``; at most ``width`` characters. Triton kernels keep their
+    function name (``_fwd_kernel``), copies theirs (``Memcpy DtoD (Device -> Device)``)."""
+    short = name.strip()
+    if short.startswith("void ") and short.endswith(")"):
+        short, depth = short[len("void "):], 0
+        for i in range(len(short) - 1, 0, -1):  # the "(" that opens the trailing parameter list
+            depth += {")": 1, "(": -1}.get(short[i], 0)
+            if depth == 0:
+                short = short[:i]
+                break
+    short = short.replace("at::native::", "").replace("(anonymous namespace)::", "")
+    return short if len(short) <= width else short[:width - 1] + "…"
+
+
+def top_kernels(kernels: dict, n: int = TOP_KERNELS):
+    """``([(name, ms, share), ...] for the n slowest kernels, (count, ms, share) of the rest or
+    None)``; ms per call, share of all the kernels' time."""
+    total = sum(kernels.values()) or 1.0
+    ranked = sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))
+    top = [(name, ms, ms / total) for name, ms in ranked[:n]]
+    rest_ms = sum(ms for _, ms in ranked[n:])
+    return top, ((len(ranked) - n, rest_ms, rest_ms / total) if len(ranked) > n else None)
+
+
+def kernel_lines(recs) -> list[str]:
+    """The .md section: for each fused block that recorded ``kernels``, where its GPU time goes."""
+    fused = [r for r in recs if r["op"] == "block" and r["provider"] == "fused" and r.get(KERNELS_KEY)]
+    if not fused:
+        return []
+    fused.sort(key=lambda r: (DTYPES.index(r["dtype"]) if r["dtype"] in DTYPES else 9, r["arch"],
+                              MODES.index(r["mode"]) if r["mode"] in MODES else 9, r["stage"], -r["stride"]))
+    lines = ["", "## Fused kernels: where a call's GPU time goes", "",
+             "From torch.profiler over a few calls after the timed ones: GPU time per call of each kernel "
+             "and its share of all the kernels' time. What `fused ms` (the timed median) exceeds the "
+             "kernels' sum by is roughly the time the GPU sat idle between kernels.", "",
+             "| arch | dtype | mode | block | fused ms | kernels ms | slowest kernels |",
+             "|---|---|---|---|---|---|---|"]
+    for r in fused:
+        top, rest = top_kernels(r[KERNELS_KEY])
+        cells = [f"`{short_kernel_name(name)}` {ms:.3f} ({share:.0%})" for name, ms, share in top]
+        if rest:
+            cells.append(f"{rest[0]} more {rest[1]:.3f} ({rest[2]:.0%})")
+        cells = " · ".join(cells).replace("|", "\\|")  # a table cell
+        block = f"stage{r['stage']}{'/s2' if r['stride'] == 2 else ''}"
+        lines.append(f"| {r['arch']} | {r['dtype']} | {r['mode']} | {block} | {r['median_ms']:.3f} | "
+                     f"{sum(r[KERNELS_KEY].values()):.3f} | {cells} |")
+    return lines
+
+
 def _fmt(v, spec=".2f", suffix=""):
     return "—" if v is None else f"{v:{spec}}{suffix}"
 
@@ -200,6 +268,8 @@ def markdown(result: dict, copy_gbps: float | None = None) -> str:
                          f"{' | '.join(ms)} | {_fmt(fused.get('tflops'), '.1f')} | {_fmt(fused.get('gbps'), '.0f')} | "
                          f"{_fmt(fused.get('roofline'), '.0%')} | {_fmt(speedup(row, 'cudnn'), '.2f', 'x')} | "
                          f"{_fmt(speedup(row, 'compile'), '.2f', 'x')} |")
+
+    lines += kernel_lines(recs)
 
     models = model_table(recs)
     if models:
@@ -266,11 +336,12 @@ def bar_chart(result: dict, path) -> str | None:
     return dtype
 
 
-def write_results(data: dict, out_dir) -> dict:
-    """Write ``<gpu>.json``, ``<gpu>.md`` and ``<gpu>.png`` into ``out_dir``; returns their paths."""
+def write_results(data: dict, out_dir, source: str = "the JSON") -> dict:
+    """Write ``<gpu>.json``, ``<gpu>.md`` and ``<gpu>.png`` into ``out_dir``; returns their paths.
+    ``source`` names the input in the ReportError raised when no benchmark carries results."""
     result = {"meta": meta(data), "records": records(data)}
     if not result["records"]:
-        raise SystemExit("no benchmark in the JSON carries results (extra_info['op']): nothing to report")
+        raise ReportError(f"{source}: no benchmark carries results (extra_info['op']): nothing to report")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / gpu_slug(result["meta"]["gpu"])
@@ -298,7 +369,12 @@ def main(argv=None):
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON(s) (from --benchmark-json)")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    for kind, path in write_results(merge([load(p) for p in args.json]), args.out_dir).items():
+    try:
+        paths = write_results(merge([load(p) for p in args.json]), args.out_dir, source=", ".join(args.json))
+    except ReportError as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the cause
+        raise SystemExit(2) from None  # 2, like argparse's own usage errors
+    for path in paths.values():
         print(f"wrote {path}")
 
 

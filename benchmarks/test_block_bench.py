@@ -24,10 +24,19 @@ pytest-benchmark's own statistics come from ``benchmark.pedantic`` around ``call
 torch.cuda.synchronize()`` with the same flush and reset in an untimed setup: wall-clock latency
 from an idle GPU, launch overhead included, kept for pytest-benchmark's tooling only.
 ``benchmarks/report.py`` uses ``median_ms``.
+
+Kernels. After all that timing, a ``fused`` case runs ``--bench-profile-calls`` (default 3) more
+calls of its reported variant, each alone under ``torch.profiler`` (CUDA activity only; gradients
+reset and L2 flushed before it, outside the profiler, so the flush's fill kernel is not counted),
+and records ``extra_info["kernels"]``: ``{kernel name: GPU ms per call}``, slowest first, so that a
+GPU run shows which kernel to attack next. Triton kernels appear under their function name
+(``_fwd_kernel``, ``_bwd_dx_kernel``), PyTorch's (layout copies, fills) under theirs.
 """
 
 import itertools
 import statistics
+import warnings
+from collections import defaultdict
 
 import pytest
 import torch
@@ -136,6 +145,52 @@ def gpu_time_ms(call, grads, l2_flush, calls=TIMED_CALLS):
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def kernel_times_ms(events, calls: int) -> dict[str, float]:
+    """``{kernel name: ms per call}``, slowest first, from ``(name, device time in us)`` events
+    gathered over ``calls`` calls (a name may come several times: several calls, several launches)."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    total_us = defaultdict(float)
+    for name, us in events:
+        if us > 0:
+            total_us[name] += us
+    ranked = sorted(total_us.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {name: us / calls / 1e3 for name, us in ranked}
+
+
+def device_events(averages) -> list[tuple[str, float]]:
+    """``(name, device time in us)`` of the GPU-side entries of ``prof.key_averages()``: kernels,
+    memcpys, memsets. CPU-side entries are left out: a runtime call such as ``cudaLaunchKernel``
+    counts its kernels' time as its own too."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for evt in averages:
+        if getattr(evt, "device_type", DeviceType.CPU) == DeviceType.CPU:
+            continue
+        us = getattr(evt, "device_time_total", None)  # torch >= 2.4; cuda_time_total before
+        out.append((evt.key, us if us is not None else getattr(evt, "cuda_time_total", 0)))
+    return out
+
+
+def profile_kernels(call, grads, l2_flush, calls: int) -> dict[str, float]:
+    """GPU time per call of each kernel ``call()`` launches (``kernel_times_ms``), each of the
+    ``calls`` calls profiled on its own, from the same state as in ``gpu_time_ms``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    events = []
+    for _ in range(calls):
+        for t in grads:
+            t.grad = None
+        l2_flush.zero_()
+        torch.cuda.synchronize()  # the flush ends before the profiler starts: its kernel stays out
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        events += device_events(prof.key_averages())
+    return kernel_times_ms(events, calls)
+
+
 def _variants(provider, mode):
     if provider == "compile":
         return ["channels_last"]
@@ -146,7 +201,7 @@ def _variants(provider, mode):
 
 
 @pytest.mark.gpu
-def test_block(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, compile_mode, case):
+def test_block(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, compile_mode, profile_calls, case):
     shape, dtype_name, mode, provider = case
     dtype = getattr(torch, dtype_name)
     best, variants_ms = None, {}
@@ -186,3 +241,10 @@ def test_block(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, compile_m
         variant=variant, variants_ms=variants_ms, compile_mode=compile_mode if provider == "compile" else None,
         timer="median of per-call CUDA-event times, L2 flushed, warm-up excluded")
     benchmark.pedantic(timed, setup=setup, rounds=PEDANTIC_ROUNDS, warmup_rounds=2)
+    if provider == "fused" and profile_calls:  # after every timed call, so the profiler disturbs none
+        kernels = profile_kernels(call, grads, l2_flush, profile_calls)
+        if kernels:
+            benchmark.extra_info["kernels"] = kernels
+        else:  # a profiler that can't trace (CUPTI missing or busy) returns nothing rather than raising
+            warnings.warn(f"{shape.id} {dtype_name} {mode}: torch.profiler recorded no GPU kernel; "
+                          "no per-kernel times for this case", stacklevel=1)

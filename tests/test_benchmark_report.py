@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -146,14 +147,21 @@ BLOCK_MS = {
     (1, "train_fwd_bwd"): {"cudnn": 3.0, "compile": 2.5, "fused": 2.0},
 }
 MODEL_SLEEP_S = {"cudnn": 0.02, "compile": 0.015, "fused": 0.01}
+ELEMENTWISE = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+               "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)")
+# the fused stage-1 inference case's extra_info["kernels"], deliberately not slowest first
+KERNELS = {"_bn_relu_kernel": 0.005, "Memcpy DtoD (Device -> Device)": 0.02, "_fwd_kernel": 0.45, ELEMENTWISE: 0.01}
 
 
 def _block_info(index, mode, provider, ms):
     s = block_shapes("resnext50_32x4d")[index]
     flops, nbytes = conv_flops(s, BATCH, mode), min_bytes(s, BATCH, torch.bfloat16, mode)
-    return dict(ENV, op="block", arch=s.arch, stage=s.stage, shape=list(s.input_shape(BATCH)), groups=s.groups,
+    info = dict(ENV, op="block", arch=s.arch, stage=s.stage, shape=list(s.input_shape(BATCH)), groups=s.groups,
                 stride=s.stride, dtype="bfloat16", mode=mode, provider=provider, median_ms=ms, flops=flops,
                 bytes=nbytes, **throughput(flops, nbytes, ms, COPY_GBPS), variant="channels_last")
+    if (index, mode, provider) == (0, "inference", "fused"):
+        info["kernels"] = KERNELS
+    return info
 
 
 FAKE_BENCH = textwrap.dedent("""
@@ -203,7 +211,10 @@ def test_report_writes_schema(written, bench_json):
     blocks = [r for r in result["records"] if r["op"] == "block"]
     models = [r for r in result["records"] if r["op"] == "model"]
     assert len(blocks) == 12 and len(models) == 6
-    assert all(list(r) == list(report.BLOCK_KEYS) for r in blocks)
+    profiled = [r for r in blocks if "kernels" in r]
+    assert [(r["stage"], r["mode"], r["provider"]) for r in profiled] == [(1, "inference", "fused")]
+    assert list(profiled[0]) == [*report.BLOCK_KEYS, "kernels"]
+    assert all(list(r) == list(report.BLOCK_KEYS) for r in blocks if r is not profiled[0])
     assert all(list(r) == list(report.MODEL_KEYS) for r in models)
 
 
@@ -249,6 +260,14 @@ def test_report_markdown_and_chart(written):
     assert "| block inference: geomean speedup of fused over cudnn | >= 2.0x | 2.83x | met |" in text
     assert "| stage2/s2 | 256, 256, 56, 56 | 32 | 1.000 | 0.500 | 0.250 |" in text
     assert "## Models" in text and "![" in text
+    assert text.index("## Fused kernels") < text.index("## Models")
+    # the kernels' sum 0.485 ms; shares of it; the fourth kernel summed as "1 more"
+    assert ("| resnext50_32x4d | bfloat16 | inference | stage1 | 0.500 | 0.485 | "
+            "`_fwd_kernel` 0.450 (93%) · `Memcpy DtoD (Device -> Device)` 0.020 (4%) · "
+            "`vectorized_elementwise_kernel<4, FillFunctor<float>, std::a…` 0.010 (2%) · "
+            "1 more 0.005 (1%) |") in text
+    section = text[text.index("## Fused kernels"):text.index("## Models")]
+    assert section.count("\n| resnext") == 1  # one row per fused record with kernels, none for the others
     assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = json.loads(written["json"].read_text())["records"]
     labels, bars = report.chart_data(recs, "bfloat16")[("resnext50_32x4d", "inference")]
@@ -256,14 +275,85 @@ def test_report_markdown_and_chart(written):
     assert bars == {"cudnn": [1.0, 1.0], "compile": [1.25, 2.0], "fused": [2.0, 4.0]}
 
 
+def test_report_kernels_carried_slowest_first(written):
+    """extra_info["kernels"] goes into the fused record as recorded, re-sorted slowest first."""
+    rec = next(r for r in json.loads(written["json"].read_text())["records"] if "kernels" in r)
+    assert rec["kernels"] == KERNELS
+    assert list(rec["kernels"]) == ["_fwd_kernel", "Memcpy DtoD (Device -> Device)", ELEMENTWISE, "_bn_relu_kernel"]
+
+
+def test_short_kernel_name():
+    assert report.short_kernel_name("_bwd_dx_kernel") == "_bwd_dx_kernel"  # Triton: the function name
+    assert report.short_kernel_name("Memset (Device)") == "Memset (Device)"  # not a C++ signature
+    assert report.short_kernel_name("void at::native::(anonymous namespace)::f<(int)3>(float*, int)") == "f<(int)3>"
+    short = report.short_kernel_name(ELEMENTWISE, width=30)
+    assert short == "vectorized_elementwise_kernel…" and len(short) == 30
+
+
+def test_top_kernels():
+    top, rest = report.top_kernels({"a": 1.0, "b": 6.0, "c": 2.0, "d": 1.0}, n=2)
+    assert top == [("b", 6.0, 0.6), ("c", 2.0, 0.2)]
+    assert rest == (2, 2.0, pytest.approx(0.2))
+    assert report.top_kernels({"a": 1.0}, n=2) == ([("a", 1.0, 1.0)], None)
+
+
 def test_report_cli(bench_json, tmp_path, capsys):
     (tmp_path / "in.json").write_text(json.dumps(bench_json))
     report.main([str(tmp_path / "in.json"), "--out-dir", str(tmp_path / "out")])
     assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".json", ".md", ".png"]
-    assert "wrote" in capsys.readouterr().out
-    (tmp_path / "empty.json").write_text("")  # what pytest-benchmark leaves when every case skipped
-    with pytest.raises(SystemExit, match="empty"):
-        report.main([str(tmp_path / "empty.json")])
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and not captured.err
+
+
+# input the report can't use -> (file content, or None: no file, or "/": a directory; what the line says)
+BAD_INPUTS = {
+    "missing": (None, "cannot read: No such file or directory"),
+    "directory": ("/", "cannot read: Is a directory"),
+    "empty": ("", "empty: no benchmark ran"),  # what pytest-benchmark leaves when every case skipped
+    "blank": ("\n  \n", "empty: no benchmark ran"),
+    "invalid JSON": ('{"benchmarks": [', "not JSON: "),
+    "not UTF-8": (b"\xff\xfe{", "cannot read: "),
+    "other JSON": ('[{"benchmarks": []}]', "not a pytest-benchmark JSON"),
+    "no results": ('{"benchmarks": [{"name": "test_x", "extra_info": {}}]}', "no benchmark carries results"),
+}
+
+
+def _bad_input(tmp_path, case) -> Path:
+    content, _ = BAD_INPUTS[case]
+    path = tmp_path / "in.json"
+    if content == "/":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_report_cli_bad_input(case, tmp_path, capsys):
+    """One line on stderr, ``error: <file>: <why>``, and exit status 2; nothing written."""
+    path = _bad_input(tmp_path, case)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(path), "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.endswith("\n") and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"error: {path}: ") and BAD_INPUTS[case][1] in captured.err, captured.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_report_cli_bad_input_subprocess(case, tmp_path):
+    """The same through ``python -m benchmarks.report``: no traceback, exit status 2."""
+    path = _bad_input(tmp_path, case)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.report", str(path), "--out-dir", str(tmp_path / "out")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.splitlines()
+    assert out.stdout == "" and len(lines) == 1, out.stderr  # no traceback
+    assert lines[0].startswith(f"error: {path}: ") and BAD_INPUTS[case][1] in lines[0], lines[0]
 
 
 def test_report_merges_runs(bench_json, tmp_path):
@@ -285,12 +375,38 @@ def test_gpu_slug():
 
 # ---------------------------------------------------------------- the suite without a GPU
 
+def _bench_cases() -> int:
+    from benchmarks import test_block_bench, test_model_bench
+    from benchmarks.conftest import ALL_DTYPES
+    from benchmarks.shapes import MODES
+
+    blocks = len(block_shapes()) * len(ALL_DTYPES) * len(MODES) * len(test_block_bench.PROVIDERS)
+    return blocks + len(test_model_bench.ARCHS) * len(test_model_bench.MODES) * len(test_model_bench.PROVIDERS)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU this would run the whole benchmark suite")
 def test_benchmarks_skip_without_gpu():
-    """`pytest benchmarks/ --benchmark-only` collects every case, skips each with a reason, exits 0."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-rs",
-                          "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """`pytest benchmarks/ --benchmark-only -q` collects every case, skips each, exits 0, and says
+    why in one line (under -q pytest shows no header, and no skip reason without -rs)."""
+    from benchmarks.conftest import NO_GPU_REASON
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q",
+                          "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    summary = out.stdout.strip().splitlines()[-1]
-    assert summary.startswith("390 skipped") and "passed" not in summary and "failed" not in summary, summary
-    assert "needs a CUDA GPU" in out.stdout
+    cases = _bench_cases()
+    assert cases == 390  # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 3 providers
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith(f"{cases} skipped"), lines[-1]
+    assert "passed" not in lines[-1] and "failed" not in lines[-1], lines[-1]
+    why = [line for line in lines if line.startswith("resnext-fused benchmarks:")]
+    assert why == [f"resnext-fused benchmarks: all {cases} cases skipped: {NO_GPU_REASON}"], out.stdout
+    assert NO_GPU_REASON.startswith("needs a CUDA GPU with Triton's interpreter off")
+
+
+def test_skip_summary_line():
+    from benchmarks.conftest import skip_summary
+
+    assert skip_summary(12, 12, "why") == "resnext-fused benchmarks: all 12 cases skipped: why"
+    assert skip_summary(3, 12, "why") == "resnext-fused benchmarks: 3 of 12 cases skipped: why"
+    assert skip_summary(0, 12, "why") is None  # nothing skipped for lack of a GPU: no line
