@@ -20,24 +20,36 @@ multi-GPU node (``torchrun``: DistributedDataParallel, NCCL on GPUs, gloo on CPU
 Defaults depend on the dataset (``DATASET_DEFAULTS``); every flag given on the command line
 overrides them. ``--lr`` is the absolute peak learning rate; left out, it is ``lr_base`` per 256
 images scaled linearly with the global batch (``--batch-size`` is per process). ``--resume``
-restores the checkpoint's config, and flags given alongside it override that config.
+restores the checkpoint's config, and flags given alongside it override that config. A resumed
+run prints ``resumed from PATH at epoch E/N, S of T steps done`` (E counted from 1, as in the
+progress bar; S steps of epoch E were run before). Resuming a run that has finished all its
+epochs says so and exits 0 without building anything or rewriting any file (so a requeue loop
+that always passes ``--resume last.pt`` ends cleanly); ``--eval-only`` evaluates it.
 
 Writes to ``--out`` (rank 0 only): ``metrics.jsonl`` (one JSON line per epoch), ``last.pt``
 (every epoch and on Ctrl-C/SIGTERM, written atomically), ``best.pt`` (best top-1 weights) and
-``curves.png``. Bad input exits with one ``error: ...`` line and status 2; a NaN loss stops the
-run with status 1 and keeps the last good checkpoint; an interrupted run exits with status 130.
+``curves.png``. The row of an epoch resumed part-way has ``"partial_epoch": true`` and
+``"resumed_at_step": S``, and ``images_per_s_since_resume`` / ``epoch_time_since_resume`` in place
+of ``images_per_s`` / ``epoch_time``: they cover only the steps this process ran. Bad input
+(flags, ``--out``, the ``--resume`` file) exits with one ``error: ...`` line and status 2 before
+any file is written; a NaN loss stops the run with status 1 and keeps the last good checkpoint;
+an interrupted run exits with status 130.
 """
 
 import argparse
+import codecs
 import dataclasses
 import io
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,10 +64,10 @@ import resnext
 from resnext import data as data_lib
 from resnext.data import DataError
 
-__all__ = ["TrainConfig", "TrainError", "NonFiniteLossError", "DATASET_DEFAULTS", "parse_args",
-           "resolve_config", "setup_runtime", "build_data", "build_model", "build_optimizer",
-           "build_scheduler", "train_one_epoch", "recompute_bn_stats", "evaluate", "save_checkpoint", "load_checkpoint",
-           "plot_curves", "main"]
+__all__ = ["TrainConfig", "TrainError", "NonFiniteLossError", "DATASET_DEFAULTS", "build_parser",
+           "parse_args", "resolve_config", "setup_runtime", "prepare_out_dir", "build_data", "build_model",
+           "build_optimizer", "build_scheduler", "train_one_epoch", "recompute_bn_stats", "evaluate",
+           "save_checkpoint", "load_checkpoint", "plot_curves", "main"]
 
 
 class TrainError(ValueError):
@@ -124,39 +136,90 @@ def dataset_name(cfg: TrainConfig) -> str:
     return "synthetic" if cfg.synthetic else "imagenet" if cfg.data else "digits"
 
 
-def parse_args(argv=None) -> dict:
-    """The flags actually given, as ``{field: value}`` (absent flags are left out)."""
-    p = argparse.ArgumentParser(prog="python -m resnext.train", description=__doc__.split("\n")[0],
-                                argument_default=None)
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # main() prints one "error: ..." line and exits 2, as for every other bad input; argparse
+        # would print the whole usage text first.
+        raise TrainError(message.removeprefix("argument "))
+
+
+def _one_of(*choices):
+    """An argparse ``type`` naming the choices in its error, in place of argparse's ``choices=``."""
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _default_help(name: str) -> str:
+    """``name``'s default for ``--help``, from ``DATASET_DEFAULTS`` or ``TrainConfig``, so it cannot drift."""
+    datasets_by_value = {}
+    for dataset, defaults in DATASET_DEFAULTS.items():
+        if name in defaults:
+            datasets_by_value.setdefault(defaults[name], []).append(dataset)
+    if len(datasets_by_value) == 1:
+        return f"default: {next(iter(datasets_by_value))}"
+    if datasets_by_value:
+        return "default: " + ", ".join(f"{v} for {' and '.join(d)}" for v, d in datasets_by_value.items())
+    value = TrainConfig.__dataclass_fields__[name].default
+    return f"default: {'off' if value is False else value}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every option is left out of the result unless given (``default=None``)."""
+    p = _ArgumentParser(
+        prog="python -m resnext.train", description=__doc__.split("\n")[0], argument_default=None,
+        epilog="Defaults 'for imagenet' apply with --data, 'for synthetic' with --synthetic, 'for digits' "
+               "otherwise. With --resume, the checkpoint's config takes the place of the defaults.")
     on_off = argparse.BooleanOptionalAction
-    p.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: digits)")
-    p.add_argument("--synthetic", action=on_off, help="random data for throughput runs")
-    p.add_argument("--synthetic-samples", type=int, metavar="N")
-    p.add_argument("--image-size", type=int, metavar="PX")
-    p.add_argument("--workers", type=int, metavar="N")
-    p.add_argument("--arch", metavar="NAME", help=f"one of {', '.join(resnext.list_models())}")
-    p.add_argument("--fused-kernels", action=on_off, help="fused grouped conv + BN + ReLU kernels")
-    p.add_argument("--channels-last", action=on_off)
-    p.add_argument("--compile", action=on_off, help="torch.compile the model")
-    p.add_argument("--opt", choices=("sgd", "adamw"))
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: lr_base x global batch / 256)")
-    p.add_argument("--lr-base", type=float, help="learning rate per 256 images")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=("step", "cosine"))
-    p.add_argument("--lr-step-epochs", type=int)
-    p.add_argument("--lr-gamma", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--precise-bn", type=int, metavar="N", help="recompute BN statistics over N images before evaluating")
-    p.add_argument("--amp", choices=tuple(_AMP_DTYPES))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", metavar="DIR")
-    p.add_argument("--resume", metavar="PATH")
-    p.add_argument("--eval-only", action=on_off)
-    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+
+    def add(flag, help, default=None, **kwargs):
+        text = f"{help} ({default or _default_help(flag[2:].replace('-', '_'))})"
+        p.add_argument(flag, help=text.replace("%", "%%"), **kwargs)
+
+    add("--data", "ImageFolder root with train/ and val/", "default: none, scikit-learn's bundled digits",
+        metavar="DIR")
+    add("--synthetic", "random images, for throughput runs; overrides --data", action=on_off)
+    add("--synthetic-samples", "training images per epoch with --synthetic", type=int, metavar="N")
+    add("--image-size", "input side in pixels: train crop and val centre crop", type=int, metavar="PX")
+    add("--workers", "DataLoader worker processes per process", type=int, metavar="N")
+    add("--arch", f"one of {', '.join(resnext.list_models())}", metavar="NAME")
+    add("--fused-kernels", "grouped conv + BN + ReLU as one Triton kernel; without a GPU, through Triton's "
+        "interpreter", action=on_off)
+    add("--channels-last", "NHWC activations and weights", action=on_off)
+    add("--compile", "torch.compile the model", action=on_off)
+    add("--opt", "sgd (with --momentum) or adamw", type=_one_of("sgd", "adamw"), metavar="{sgd,adamw}")
+    add("--epochs", "total epochs", type=int, metavar="N")
+    add("--batch-size", "images per step per process; the global batch is this x the number of processes",
+        type=int, metavar="N")
+    add("--lr", "peak learning rate", "default: --lr-base x global batch / 256", type=float)
+    add("--lr-base", "learning rate per 256 images, used when --lr is not given", type=float, metavar="LR")
+    add("--momentum", "SGD momentum", type=float)
+    add("--weight-decay", "on every parameter, as in the paper (decoupled with adamw)", type=float,
+        metavar="WD")
+    add("--schedule", "step: x --lr-gamma every --lr-step-epochs; cosine: decay to 0",
+        type=_one_of("step", "cosine"), metavar="{step,cosine}")
+    add("--lr-step-epochs", "step schedule period in epochs", type=int, metavar="N")
+    add("--lr-gamma", "step schedule factor", type=float, metavar="GAMMA")
+    add("--warmup-epochs", "linear warmup from lr/100, before either schedule", type=float, metavar="E")
+    add("--label-smoothing", "cross-entropy label smoothing", type=float, metavar="EPS")
+    add("--precise-bn", "before each evaluation, recompute BN statistics over N training images; 0 keeps "
+        "the running averages", type=int, metavar="N")
+    add("--amp", "autocast dtype; fp16 adds a GradScaler", "default: none, float32",
+        type=_one_of(*_AMP_DTYPES), metavar="{" + ",".join(_AMP_DTYPES) + "}")
+    add("--seed", "model init, shuffling and augmentation", type=int)
+    add("--out", "output directory", "default: runs/<dataset>-<arch>", metavar="DIR")
+    add("--resume", "checkpoint to continue from (last.pt), or to evaluate with --eval-only",
+        "default: none", metavar="PATH")
+    add("--eval-only", "evaluate the --resume checkpoint and exit", action=on_off)
+    return p
+
+
+def parse_args(argv=None) -> dict:
+    """The flags actually given, as ``{field: value}`` (absent flags are left out); a bad flag
+    raises :class:`TrainError`."""
+    return {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
 
 
 def resolve_config(overrides: dict, base: Optional[dict] = None, world_size: int = 1) -> TrainConfig:
@@ -227,6 +290,28 @@ def setup_runtime() -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, dist.get_rank() if world_size > 1 else 0, world_size)
+
+
+def prepare_out_dir(out: str, rt: Runtime) -> None:
+    """Create ``out`` (rank 0) before any training work, so that a bad ``--out`` fails at once and
+    not after the first epoch; every rank learns the outcome, so none waits for one that quit."""
+    problem = None
+    if rt.is_main:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except FileExistsError:
+            problem = "exists and is not a directory"
+        except OSError as e:
+            parent = os.path.dirname(os.path.abspath(out))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            problem = (f"cannot create it: {parent} is a file" if not os.path.isdir(parent)
+                       else f"cannot create it ({e.strerror.lower()})")
+        else:
+            if not os.access(out, os.W_OK | os.X_OK):
+                problem = "is not writable"
+    if rt.all_reduce([problem is not None]).item():
+        raise TrainError(f"--out {out}: {problem or 'rank 0 cannot write there'}")
 
 
 def build_data(cfg: TrainConfig, rt: Runtime):
@@ -475,16 +560,73 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint (``weights_only``); a missing or unreadable file raises :class:`TrainError`."""
-    if not os.path.isfile(path):
+    """Read a checkpoint (``weights_only``); a missing or unreadable file raises :class:`TrainError`
+    that says why in plain words."""
+    if not os.path.exists(path):
         raise TrainError(f"--resume {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, ...: all mean "not a checkpoint"
-        raise TrainError(f"--resume {path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
-    if not isinstance(ckpt, dict):
-        raise TrainError(f"--resume {path}: not a checkpoint (holds a {type(ckpt).__name__})")
+    reason = None
+    if os.path.isdir(path):
+        hint = " (did you mean its last.pt?)" if os.path.isfile(os.path.join(path, "last.pt")) else ""
+        reason = f"is a directory{hint}"
+    elif os.path.getsize(path) == 0:
+        reason = "is empty (0 bytes)"
+    else:
+        try:
+            with warnings.catch_warnings():  # about pickle protocols: noise beside the one error line
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's messages run to paragraphs; say which case this is instead
+            reason = _why_unloadable(path, e)
+        else:
+            if not isinstance(ckpt, dict):
+                reason = f"holds a {type(ckpt).__name__}, not a checkpoint dict"
+    if reason:
+        raise TrainError(f"--resume {path}: not a readable checkpoint: it {reason}")
     return ckpt
+
+
+def _why_unloadable(path: str, error: Exception) -> str:
+    """Why ``torch.load(path)`` raised ``error``, as a predicate of the file."""
+    if isinstance(error, OSError):
+        return f"cannot be read ({error.strerror or error})"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        if not zipfile.is_zipfile(path):
+            return "is truncated or corrupt (not a complete zip archive)"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "is a zip archive, but not one that torch.save wrote (no data.pkl)"
+        return "is corrupt (a file inside its zip archive cannot be read)"
+    if head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"):  # torch < 1.6's magic number
+        return "is truncated or corrupt (torch's legacy format)"
+    unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if unsafe:
+        return f"holds a {unsafe.group(1)} object, which weights_only loading refuses (tensors and plain data)"
+    if head.startswith(b"\x80"):
+        return "is a plain Python pickle, not a file that torch.save wrote"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # tolerates a character cut at 4096 bytes
+        return "is a text file, not a file that torch.save wrote"
+    except UnicodeDecodeError:
+        return "is not a file that torch.save wrote (neither a zip archive nor torch's legacy format)"
+
+
+# What a training resume reads from ``last.pt``; ``best.pt`` and bare state dicts hold weights only.
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "partial", "best_top1", "rng",
+                "config")
+
+
+def _check_resumable(ckpt: dict, path: str) -> None:
+    """Training resumes only from a full checkpoint (``last.pt``): say what a lesser one lacks."""
+    if "optimizer" not in ckpt and ("model" in ckpt or ckpt and all(map(torch.is_tensor, ckpt.values()))):
+        raise TrainError(f"--resume {path}: holds weights only (no config or optimizer state); use it with "
+                         "--eval-only")
+    missing = [key for key in _RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise TrainError(f"--resume {path}: not a training checkpoint: it lacks {', '.join(missing)}")
+    if not all(isinstance(ckpt[key], kind) for key, kind in (("epoch", int), ("step", int), ("config", dict))):
+        raise TrainError(f"--resume {path}: not a training checkpoint: its epoch, step or config is malformed")
 
 
 def _load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
@@ -529,15 +671,25 @@ def _final_line(m: dict, epochs: Optional[int] = None) -> str:
 
 def _run(argv) -> int:
     overrides = parse_args(argv)
+    if overrides.get("eval_only") and not overrides.get("resume"):
+        raise TrainError("--eval-only needs --resume CHECKPOINT (there is nothing else to evaluate)")
     rt = setup_runtime()
     ckpt = load_checkpoint(overrides["resume"]) if overrides.get("resume") else None
+    if ckpt is not None and not overrides.get("eval_only"):
+        _check_resumable(ckpt, overrides["resume"])
     base = ckpt.get("config") if ckpt else None
-    if ckpt is not None and "optimizer" not in ckpt and not overrides.get("eval_only"):
-        raise TrainError(f"--resume {overrides['resume']}: holds weights only (no config or optimizer "
-                         "state); use it with --eval-only")
     cfg = resolve_config(overrides, base, rt.world_size)
     if ckpt is not None and base is not None and base.get("arch") != cfg.arch:
         raise TrainError(f"--resume {cfg.resume}: trained as {base.get('arch')}, not {cfg.arch}")
+    if ckpt is not None and not cfg.eval_only and ckpt["epoch"] >= cfg.epochs:
+        # Not an error (a requeue loop resumes until the run is done), but nothing to do or rewrite.
+        if rt.is_main:
+            print(f"resumed from {cfg.resume}: the run is already complete after epoch {ckpt['epoch']} of "
+                  f"{cfg.epochs}; nothing trained or rewritten (--epochs N trains further, --eval-only "
+                  "evaluates it)", flush=True)
+        return 0
+    if not cfg.eval_only:
+        prepare_out_dir(cfg.out, rt)
 
     train_loader, val_loader, num_classes = build_data(cfg, rt)
     model = build_model(cfg, num_classes, rt)
@@ -571,7 +723,7 @@ def _run(argv) -> int:
             rngs = ckpt["rng"]
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise TrainError(f"--resume {cfg.resume}: optimizer/scheduler state does not match "
-                             f"({' '.join(str(e).split())[:200]})") from None
+                             f"({' '.join(str(e).split())})") from None
         if start_step > steps_per_epoch:
             raise TrainError(f"--resume {cfg.resume}: stopped at step {start_step} of an epoch that now "
                              f"has {steps_per_epoch} steps; keep the batch size and world size")
@@ -584,7 +736,6 @@ def _run(argv) -> int:
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
     if rt.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
         kept = []
         if ckpt is not None and os.path.exists(metrics_path):  # drop epochs past the checkpoint
             with open(metrics_path) as f:
@@ -595,6 +746,9 @@ def _run(argv) -> int:
               f"{len(val_loader.dataset) * rt.world_size} val images, {cfg.epochs} epochs of {steps_per_epoch} "
               f"steps, global batch {cfg.batch_size * rt.world_size}, lr {cfg.lr:g}, {rt.world_size} x "
               f"{rt.device.type}{', fused kernels' if cfg.fused_kernels else ''}; writing to {cfg.out}", flush=True)
+        if ckpt is not None:
+            print(f"resumed from {cfg.resume} at epoch {start_epoch + 1}/{cfg.epochs}, {start_step} of "
+                  f"{steps_per_epoch} steps done", flush=True)
 
     def checkpoint(epoch, step, partial_sums):
         rngs = _gather_rng_states(rt)
@@ -605,7 +759,6 @@ def _run(argv) -> int:
                 "step": step, "partial": list(partial_sums), "best_top1": best,
                 "config": dataclasses.asdict(cfg), "rng": rngs})
 
-    m = None
     with _StopSignal() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -624,12 +777,18 @@ def _run(argv) -> int:
                           f"continue with --resume {last_path}", file=sys.stderr, flush=True)
                     plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
                 return 130
-            start_step, partial = 0, (0.0, 0, None)
+            resumed_at, start_step, partial = start_step, 0, (0.0, 0, None)
             recompute_bn_stats(raw_model, train_loader.dataset, cfg, rt)
             m = evaluate(model, val_loader, criterion, cfg, rt)
             row = {"epoch": epoch + 1, "train_loss": tm["train_loss"], "val_loss": m["val_loss"],
-                   "top1": m["top1"], "top5": m["top5"], "lr": tm["lr"], "images_per_s": tm["images_per_s"],
-                   "epoch_time": time.perf_counter() - t0}
+                   "top1": m["top1"], "top5": m["top5"], "lr": tm["lr"]}
+            # Resumed part-way, this process ran only the epoch's last steps: its rate and time are
+            # not the epoch's, so they go under names that a reader of full epochs will not pick up.
+            suffix = "_since_resume" if resumed_at else ""
+            if resumed_at:
+                row.update(partial_epoch=True, resumed_at_step=resumed_at)
+            row.update({f"images_per_s{suffix}": tm["images_per_s"],
+                        f"epoch_time{suffix}": time.perf_counter() - t0})
             is_best = m["top1"] > best
             best = max(best, m["top1"])
             checkpoint(epoch + 1, 0, (0.0, 0, None))
@@ -641,14 +800,15 @@ def _run(argv) -> int:
                                                 "top1": m["top1"], "config": dataclasses.asdict(cfg)})
                 tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
                            f"val loss {m['val_loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
-                           f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_time']:.1f} s")
+                           f"lr {row['lr']:.4g}  {tm['images_per_s']:.0f} img/s  "
+                           f"{row['epoch_time' + suffix]:.1f} s"
+                           + (f" ({steps_per_epoch - resumed_at} of {steps_per_epoch} steps in this process)"
+                              if resumed_at else ""))
             if stop.requested:  # a signal during evaluation: the epoch's checkpoint is saved
                 if rt.is_main:
                     print(f"interrupted after epoch {epoch + 1}: continue with --resume {last_path}",
                           file=sys.stderr, flush=True)
                 return 130
-    if m is None:  # resumed a finished run: just evaluate
-        m = evaluate(model, val_loader, criterion, cfg, rt)
     if rt.is_main:
         plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
         print(f"wrote {metrics_path}, {last_path}, {best_path} and curves.png")

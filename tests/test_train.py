@@ -5,8 +5,11 @@ Most runs use the eager model at 8x8 (a fraction of a second per step); one shor
 through the fused kernels (Triton's interpreter without a GPU) and is compared with its eager twin.
 """
 
+import argparse
+import dataclasses
 import importlib.util
 import json
+import pickle
 import os
 import re
 import signal
@@ -146,6 +149,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted(stop_after, uninterrupted, tmp_
     monkeypatch.setattr(train, "train_step", real_step)
     rc, out, err = run(["--resume", tmp_path / "last.pt"], capsys)  # config comes from the checkpoint
     assert rc == 0, err
+    assert f"resumed from {tmp_path / 'last.pt'} at epoch 1/2, {stop_after} of 11 steps done\n" in out
     resumed, reference = load(tmp_path / "last.pt"), load(uninterrupted / "last.pt")
     assert_same_tensors(resumed["model"], reference["model"], "model")
     for (i, a), (j, b) in zip(resumed["optimizer"]["state"].items(), reference["optimizer"]["state"].items()):
@@ -157,6 +161,12 @@ def test_ctrl_c_then_resume_equals_uninterrupted(stop_after, uninterrupted, tmp_
         assert row["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-12)  # summed in two parts
         for key in ("epoch", "val_loss", "top1", "top5", "lr"):
             assert row[key] == ref[key], key
+    # The resumed epoch's rate and time cover only the steps after the resume: named so that
+    # nobody reads them as a full epoch's. The next epoch is whole again.
+    assert rows[0]["partial_epoch"] is True and rows[0]["resumed_at_step"] == stop_after
+    assert "images_per_s" not in rows[0] and "epoch_time" not in rows[0]
+    assert rows[0]["images_per_s_since_resume"] >= 0 and rows[0]["epoch_time_since_resume"] > 0
+    assert "partial_epoch" not in rows[1] and rows[1]["images_per_s"] > 0 and rows[1]["epoch_time"] > 0
 
 
 def test_resume_finished_run_and_eval_only(uninterrupted, capsys):
@@ -166,6 +176,20 @@ def test_resume_finished_run_and_eval_only(uninterrupted, capsys):
     assert final_top1(out) == (pytest.approx(top1, abs=0.005), 360)
     rc, out, err = run(["--resume", uninterrupted / "best.pt", "--eval-only"], capsys)  # weights only
     assert rc == 0, err
+
+
+def test_resume_finished_run_rewrites_nothing(uninterrupted, capsys, monkeypatch):
+    # A requeue loop passes --resume last.pt until the run is done: once it is, that is exit 0,
+    # one line, and no file in the run's directory is touched (nor data or model built).
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in uninterrupted.iterdir()}
+    assert set(before) == {"metrics.jsonl", "last.pt", "best.pt", "curves.png"}
+    monkeypatch.setattr(train, "build_data", lambda *a: pytest.fail("built the data of a finished run"))
+    rc, out, err = run(["--resume", uninterrupted / "last.pt"], capsys)
+    assert rc == 0 and err == ""
+    assert out.splitlines() == [f"resumed from {uninterrupted / 'last.pt'}: the run is already complete after "
+                                "epoch 2 of 2; nothing trained or rewritten (--epochs N trains further, "
+                                "--eval-only evaluates it)"]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in uninterrupted.iterdir()} == before
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -231,6 +255,7 @@ def checkpoint(tmp_path_factory):
     (["--data", "{tmp}/missing"], ["no such directory"]),
     (["--data", "{tmp}"], ["no train/ folder"]),
     (["--resume", "{tmp}/missing.pt"], ["no such file"]),
+    (["--eval-only"], ["error: --eval-only needs --resume CHECKPOINT"]),  # not random weights scored
 ])
 def test_bad_input_one_line_error(argv, fragments, tmp_path, capsys):
     rc, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
@@ -245,14 +270,44 @@ def test_image_folder_without_torchvision(tmp_path, capsys):
     assert_error(rc, err, "torchvision", "pip install torchvision")
 
 
-def test_corrupt_and_truncated_checkpoints(checkpoint, tmp_path, capsys):
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"this is not a checkpoint")
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
-    for path in (garbage, truncated):
-        rc, _, err = run(["--resume", path], capsys)
-        assert_error(rc, err, str(path), "not a readable checkpoint")
+def _truncated(checkpoint, path):
+    path.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda ckpt, path: path.mkdir(), "is a directory"),
+    (lambda ckpt, path: path.write_bytes(b""), "is empty (0 bytes)"),
+    (_truncated, "is truncated or corrupt (not a complete zip archive)"),
+    (lambda ckpt, path: path.write_text("epoch 2, top-1 96%\n"), "is a text file, not a file that torch.save wrote"),
+    (lambda ckpt, path: path.write_bytes(bytes(range(7, 256))),
+     "is not a file that torch.save wrote (neither a zip archive nor torch's legacy format)"),
+    (lambda ckpt, path: path.write_bytes(pickle.dumps([1, 2])),
+     "is a plain Python pickle, not a file that torch.save wrote"),
+    (lambda ckpt, path: torch.save(torch.zeros(3), path), "holds a Tensor, not a checkpoint dict"),
+    (lambda ckpt, path: torch.save([load(ckpt)], path), "holds a list, not a checkpoint dict"),
+], ids=["directory", "empty", "truncated", "text", "random-bytes", "pickle", "tensor", "list"])
+def test_unreadable_checkpoint_says_why(make, reason, checkpoint, tmp_path, capsys):
+    path = tmp_path / "bad.pt"
+    make(checkpoint, path)
+    rc, _, err = run(["--resume", path], capsys)
+    assert_error(rc, err)
+    assert err.strip() == f"error: --resume {path}: not a readable checkpoint: it {reason}"
+
+
+def test_resume_of_a_run_directory_points_at_its_last_pt(checkpoint, capsys):
+    rc, _, err = run(["--resume", checkpoint.parent], capsys)
+    assert_error(rc, err, f"--resume {checkpoint.parent}: not a readable checkpoint: it is a directory "
+                          "(did you mean its last.pt?)")
+
+
+def test_incomplete_training_checkpoint_names_missing_keys(checkpoint, tmp_path, capsys):
+    ckpt = load(checkpoint)
+    del ckpt["rng"], ckpt["scheduler"]
+    path = tmp_path / "incomplete.pt"
+    torch.save(ckpt, path)
+    rc, _, err = run(["--resume", path], capsys)
+    assert_error(rc, err)
+    assert err.strip() == f"error: --resume {path}: not a training checkpoint: it lacks scheduler, rng"
 
 
 def test_mismatched_checkpoints(checkpoint, tmp_path, capsys):
@@ -263,7 +318,7 @@ def test_mismatched_checkpoints(checkpoint, tmp_path, capsys):
     ckpt["model"]["fc.weight"] = ckpt["model"]["fc.weight"][:5]  # a 5-class head
     wrong = tmp_path / "wrong_head.pt"
     torch.save(ckpt, wrong)
-    rc, _, err = run(["--resume", wrong], capsys)
+    rc, _, err = run(["--resume", wrong, "--epochs", "2"], capsys)  # 1 of 1 epochs done: train a second
     assert_error(rc, err, "fc.weight")
 
     weights = tmp_path / "weights.pt"
@@ -273,12 +328,50 @@ def test_mismatched_checkpoints(checkpoint, tmp_path, capsys):
         assert_error(rc, err, "weights only", "--eval-only")
 
 
-def test_command_line_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "resnext.train", "--batch-size", "0", "--out", str(tmp_path)],
+@pytest.mark.parametrize("argv, line", [
+    (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+    (["--amp", "fp8"], "error: --amp: 'fp8' is not one of bf16, fp16"),  # argparse's, without its usage text
+])
+def test_command_line_error_has_no_traceback(argv, line, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "resnext.train", *argv, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --batch-size must be at least 1, got 0"]
+    assert proc.stderr.strip().splitlines() == [line]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--amp", "fp8"], "error: --amp: 'fp8' is not one of bf16, fp16"),
+    (["--opt", "adam"], "error: --opt: 'adam' is not one of sgd, adamw"),
+    (["--epochs", "two"], "error: --epochs: invalid int value: 'two'"),
+    (["--lr", "fast"], "error: --lr: invalid float value: 'fast'"),
+    (["--batch-size"], "error: --batch-size: expected one argument"),
+    (["--epoch-count", "3"], "error: unrecognized arguments: --epoch-count 3"),
+])
+def test_argparse_errors_are_one_line(argv, line, capsys):
+    rc, out, err = run(argv, capsys)
+    assert_error(rc, err)
+    assert err.strip() == line and out == ""
+
+
+@pytest.mark.parametrize("out, make, problem", [
+    ("out", lambda out: out.write_text("results"), "exists and is not a directory"),
+    ("file/run", lambda out: None, "cannot create it: {tmp}/file is a file"),
+    ("out", lambda out: out.mkdir(mode=0o555), "is not writable"),
+], ids=["existing-file", "under-a-file", "unwritable-dir"])
+def test_bad_out_fails_before_any_work(out, make, problem, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("keep me")
+    out = tmp_path / out
+    make(out)
+    if "writable" in problem and os.access(out, os.W_OK):
+        pytest.skip("this user can write to a read-only directory (root)")
+    monkeypatch.setattr(train, "build_data", lambda *a: pytest.fail("built the data before checking --out"))
+    rc, _, err = run(SYNTHETIC + ["--out", out], capsys)
+    assert_error(rc, err)
+    assert err.strip() == f"error: --out {out}: {problem.format(tmp=tmp_path)}"
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert not out.is_file() or out.read_text() == "results"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +394,40 @@ def test_options_run(extra, tmp_path, capsys):
         if not value.startswith("--"):
             assert str(cfg[flag[2:].replace("-", "_")]) == value
     assert (load(tmp_path / "last.pt")["scaler"] != {}) == (extra == ["--amp", "fp16"])
+
+
+def test_help_lists_every_option_with_help_and_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # nothing wrapped mid-word
+    parser = train.build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text == parser.format_help()
+    # One entry per option, "--opt {sgd,adamw}  sgd (with --momentum) or adamw (default: ...)",
+    # its help on the same line or the next ones.
+    options = text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    entries = {block.split()[0].rstrip(","): " ".join(block.split()) for block in re.split(r"\n(?=  -)", options)}
+    actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert set(entries) == {a.option_strings[0] for a in actions} | {"-h"}
+    for action in actions:
+        flag = action.option_strings[0]
+        invocation = (", ".join(action.option_strings) if action.nargs == 0
+                      else f"{flag} {action.metavar or action.dest.upper()}")
+        assert entries[flag].startswith(invocation + " "), entries[flag]
+        help_ = entries[flag][len(invocation):]
+        assert re.fullmatch(r" \w.*\S \(default: \S.*\)", help_), f"{flag}: no help text or no default"
+        entries[flag] = help_
+    # The defaults shown are DATASET_DEFAULTS' and TrainConfig's own, so they cannot drift.
+    for name in set().union(*train.DATASET_DEFAULTS.values()):
+        entry = entries["--" + name.replace("_", "-")]
+        for dataset, defaults in train.DATASET_DEFAULTS.items():
+            assert re.search(rf"\b{re.escape(str(defaults[name]))} for (\w+ and )*{dataset}\b", entry), entry
+    for field in dataclasses.fields(train.TrainConfig):
+        if field.default is not None:
+            shown = "off" if field.default is False else str(field.default)
+            assert entries["--" + field.name.replace("_", "-")].endswith(f"(default: {shown})"), field.name
+    assert entries["--epochs"].endswith("(default: 100 for imagenet, 1 for synthetic, 2 for digits)")
 
 
 def test_seed_recipe_defaults():
