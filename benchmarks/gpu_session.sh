@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_session.sh blocks [pytest -k]    # block benchmarks, bfloat16 by default
 #   bash benchmarks/gpu_session.sh models                # model benchmarks
 #   bash benchmarks/gpu_session.sh report                # merge the JSONs -> benchmarks/results/
+#   bash benchmarks/gpu_session.sh profile [STAGE] [STRIDE]   # ncu of the fused kernels, inference + train
+#   bash benchmarks/gpu_session.sh trainer               # the trainer: eager vs fused, --data, --compile
+#   bash benchmarks/gpu_session.sh aot                   # the sm_90 compile report with this machine's triton
 #
 # Nothing installs on the GPU machine: it runs from the tree with PYTHONPATH=. Logs and raw JSON go
 # to $OUT (the device tool brings that folder back) or benchmarks/results/raw.
@@ -46,8 +49,54 @@ case "$step" in
     python -m benchmarks.report $(ls "$out"/blocks.json "$out"/models.json 2>/dev/null) \
       --out-dir benchmarks/results
     ;;
+  profile)
+    # Nsight Compute at one stage (default: stage 1, stride 1, where the ratio to cuDNN is
+    # expected to be worst), inference and training forward+backward; the summary is markdown.
+    stage=${1:-1}; stride=${2:-1}
+    for mode in inference train; do
+      name="ncu-stage${stage}-s${stride}-${mode}"
+      timeout 280 ncu --profile-from-start off --set full --import-source no -f -o "$out/$name" \
+        python -m benchmarks.profile_block --stage "$stage" --stride "$stride" --mode "$mode" --iters 1 \
+        > "$out/$name.log" 2>&1 || { echo "ncu $mode failed:"; tail -20 "$out/$name.log"; }
+      ncu -i "$out/$name.ncu-rep" --csv --page raw > "$out/$name.csv" 2>/dev/null \
+        && python -m benchmarks.ncu_summary "$out/$name.csv" | tee "$out/$name.md"
+    done
+    ;;
+  trainer)
+    versions
+    common=(--synthetic --arch resnext50_32x4d --amp bf16 --channels-last --batch-size 256 --epochs 1
+            --synthetic-samples 5120 --workers 8)
+    timeout 170 python -m resnext.train "${common[@]}" --out "$out/train-eager" 2>&1 | tail -3
+    timeout 170 python -m resnext.train "${common[@]}" --fused-kernels --out "$out/train-fused" 2>&1 | tail -3
+    timeout 170 python -m resnext.train "${common[@]}" --fused-kernels --compile --synthetic-samples 2560 \
+      --out "$out/train-fused-compile" 2>&1 | tail -3
+    # a tiny ImageFolder (2 classes x 20 images), so the torchvision data path has run once
+    python - "$out/tiny-imagefolder" <<'PY'
+import sys
+from pathlib import Path
+from PIL import Image
+import numpy as np
+root = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+for split, count in (("train", 16), ("val", 4)):
+    for label in ("a", "b"):
+        (root / split / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / label / f"{i}.jpg")
+PY
+    timeout 120 python -m resnext.train --data "$out/tiny-imagefolder" --arch resnext50_32x4d --fused-kernels \
+      --amp bf16 --channels-last --batch-size 8 --epochs 1 --workers 2 --out "$out/train-data" 2>&1 | tail -3
+    for run in train-eager train-fused train-fused-compile train-data; do
+      echo "$run: $(tail -1 "$out/$run/metrics.jsonl" 2>/dev/null)"
+    done | tee "$out/trainer.txt"
+    rm -rf "$out"/train-*/*.pt "$out/tiny-imagefolder"  # keep the metrics, not 100 MB checkpoints
+    ;;
+  aot)
+    python -m benchmarks.compile_report --out-dir "$out" 2>&1 | tail -20
+    ;;
   *)
-    echo "usage: $0 tests|blocks [-k expr]|models|report" >&2
+    echo "usage: $0 tests|blocks [-k expr]|models|report|profile [stage] [stride]|trainer|aot" >&2
     exit 2
     ;;
 esac
