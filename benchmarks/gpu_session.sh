@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests                 # versions + the whole suite, interpreter off
 #   bash benchmarks/gpu_session.sh blocks [pytest -k]    # block benchmarks, bfloat16 by default
 #   bash benchmarks/gpu_session.sh models                # model benchmarks
+#   bash benchmarks/gpu_session.sh patch                 # torchvision resnext50_32x4d patched vs not
 #   bash benchmarks/gpu_session.sh report                # merge the JSONs -> benchmarks/results/
 #   bash benchmarks/gpu_session.sh profile [STAGE] [STRIDE]   # ncu of the fused kernels, inference + train
 #   bash benchmarks/gpu_session.sh trainer               # the trainer: eager vs fused, --data, --compile
@@ -36,17 +37,25 @@ case "$step" in
     ;;
   blocks)
     versions
+    # one JSON per -k selection (blocks-<selection>.json), so that split runs do not overwrite
+    # each other; the report step merges every blocks*.json
+    tag=$(printf '%s' "${1:-all}" | tr -c 'A-Za-z0-9' '_')
     timeout 560 python -m pytest benchmarks/test_block_bench.py --benchmark-only -q \
       --bench-dtypes "${BENCH_DTYPES:-bfloat16}" -k "${1:-}" \
-      --benchmark-json="$out/blocks.json" 2>&1 | tail -40
+      --benchmark-json="$out/blocks-$tag.json" 2>&1 | tail -40
     ;;
   models)
     versions
     timeout 560 python -m pytest benchmarks/test_model_bench.py --benchmark-only -q \
       --benchmark-json="$out/models.json" 2>&1 | tail -40
     ;;
+  patch)  # torchvision's resnext50_32x4d, unpatched vs resnext.fuse_kernels(model)
+    versions
+    timeout 560 python -m pytest benchmarks/test_patch_bench.py --benchmark-only -q \
+      --benchmark-json="$out/patch.json" 2>&1 | tail -20
+    ;;
   report)
-    python -m benchmarks.report $(ls "$out"/blocks.json "$out"/models.json 2>/dev/null) \
+    python -m benchmarks.report $(ls "$out"/blocks*.json "$out"/models.json "$out"/patch.json 2>/dev/null) \
       --out-dir benchmarks/results
     ;;
   profile)
@@ -96,7 +105,7 @@ PY
     python -m benchmarks.compile_report --out-dir "$out" 2>&1 | tail -20
     ;;
   *)
-    echo "usage: $0 tests|blocks [-k expr]|models|report|profile [stage] [stride]|trainer|aot" >&2
+    echo "usage: $0 tests|blocks [-k expr]|models|patch|report|profile [stage] [stride]|trainer|aot" >&2
     exit 2
     ;;
 esac

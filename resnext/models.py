@@ -12,15 +12,19 @@ and stride 2 on the grouped conv of stages 2 and 3 (depth = 9 * blocks_per_stage
 
 Every aggregated transformation (grouped 3x3 conv -> BN -> ReLU) can run as one fused Triton op:
 ``fuse_kernels(model)`` flips a plain bool on every :class:`Bottleneck`, so no module, parameter,
-buffer or state_dict key changes, and ``unfuse_kernels(model)`` flips it back. The kernels are
-imported lazily, so ``import resnext`` never imports Triton kernels and a caller can still switch
-Triton's interpreter on first (``kernels.auto_select_backend()``).
+buffer or state_dict key changes, and ``unfuse_kernels(model)`` flips it back. The same two calls
+patch torchvision's and timm's ResNet/ResNeXt bottlenecks in place (``resnext/patch.py``). The
+kernels are imported lazily, so ``import resnext`` never imports Triton kernels and a caller can
+still switch Triton's interpreter on first (``kernels.auto_select_backend()``).
 """
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from . import patch as _patch
 
 __all__ = [
     "Bottleneck",
@@ -199,23 +203,65 @@ class CifarResNeXt(_ResNeXtBase):
         return self.layer3(self.layer2(self.layer1(x)))
 
 
-def _set_fused(model: nn.Module, value: bool) -> nn.Module:
-    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} holds no resnext.Bottleneck blocks to (un)fuse")
-    for block in blocks:
+def _blocks(model: nn.Module):
+    """``(ours, theirs)``: our Bottlenecks, and ``(name, block)`` of torchvision's / timm's."""
+    ours, theirs = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, Bottleneck):
+            ours.append(m)
+        elif _patch.block_kind(m) is not None:
+            theirs.append((name or "<model>", m))
+    if not ours and not theirs:
+        looked_for = ", ".join(("resnext.Bottleneck",) + _patch.BLOCK_NAMES)
+        raise ValueError(f"{type(model).__name__} holds no resnext.Bottleneck blocks, nor any other block "
+                         f"with a grouped 3x3 conv -> BN -> ReLU to (un)fuse; looked for {looked_for}")
+    return ours, theirs
+
+
+def _set_fused(model: nn.Module, value: bool, strict: bool = True) -> nn.Module:
+    ours, theirs = _blocks(model)
+    if not value:
+        for _, block in theirs:
+            _patch.unpatch_block(block)
+    else:
+        refused = [(name, block, _patch.unfusable_reason(block)) for name, block in theirs]
+        refused = [(name, block, why) for name, block, why in refused if why is not None]
+        total = len(ours) + len(theirs)
+        fusable = total - len(refused)
+        if refused:  # checked for every block before any is changed: all or nothing when strict
+            lines = "\n".join(f"  {name} ({_patch.block_kind(block)}): {why}" for name, block, why in refused)
+            if strict or not fusable:
+                hint = (f"; fuse_kernels(model, strict=False) fuses the other {fusable} and leaves these "
+                        "to PyTorch" if fusable else "")
+                raise ValueError(f"{type(model).__name__}: the fused op cannot compute {len(refused)} of its "
+                                 f"{total} blocks exactly, nothing was changed{hint}:\n{lines}")
+            warnings.warn(f"fuse_kernels: left {len(refused)} of {total} blocks of {type(model).__name__} "
+                          f"to PyTorch:\n{lines}", stacklevel=3)
+        refused_ids = {id(block) for _, block, _ in refused}
+        for _, block in theirs:
+            if id(block) not in refused_ids:
+                _patch.patch_block(block)
+    for block in ours:
         block.fused_kernels = value
     return model
 
 
-def fuse_kernels(model: nn.Module) -> nn.Module:
+def fuse_kernels(model: nn.Module, strict: bool = True) -> nn.Module:
     """Run every block's grouped conv + BN + ReLU as the fused Triton op, in place; returns ``model``.
 
-    Works in train and eval mode and changes no parameter, buffer or state_dict key. Imports the
-    kernels now, so switch Triton's interpreter on before calling this on a machine without a GPU.
+    Blocks: this package's :class:`Bottleneck`, and torchvision's and timm's ResNet ``Bottleneck``
+    (``torchvision.models.resnext50_32x4d()``, ``timm.create_model("resnext50_32x4d")``, a detection
+    backbone...), patched per instance (see :mod:`resnext.patch`); ResNets with groups=1 fuse too.
+    Works in train and eval mode; the model keeps its class, modules, parameters, buffers and
+    state_dict keys, so checkpoints, optimizers and training scripts work unchanged.
+
+    A block the op cannot compute exactly (a dilated conv2, DropBlock or a non-ReLU activation after
+    bn2, ...) raises a ValueError naming it and why, and nothing is changed; with ``strict=False``
+    such blocks stay on PyTorch with a warning. A model with no such block at all is a ValueError.
+    Imports the kernels now, so switch Triton's interpreter on first on a machine without a GPU.
     """
     _fused_op()  # fail here, not in the first forward, when the kernels are unavailable
-    return _set_fused(model, True)
+    return _set_fused(model, True, strict)
 
 
 def unfuse_kernels(model: nn.Module) -> nn.Module:

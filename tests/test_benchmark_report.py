@@ -376,12 +376,13 @@ def test_gpu_slug():
 # ---------------------------------------------------------------- the suite without a GPU
 
 def _bench_cases() -> int:
-    from benchmarks import test_block_bench, test_model_bench
+    from benchmarks import test_block_bench, test_model_bench, test_patch_bench
     from benchmarks.conftest import ALL_DTYPES
     from benchmarks.shapes import MODES
 
     blocks = len(block_shapes()) * len(ALL_DTYPES) * len(MODES) * len(test_block_bench.PROVIDERS)
-    return blocks + len(test_model_bench.ARCHS) * len(test_model_bench.MODES) * len(test_model_bench.PROVIDERS)
+    models = len(test_model_bench.ARCHS) * len(test_model_bench.MODES) * len(test_model_bench.PROVIDERS)
+    return blocks + models + len(test_patch_bench.MODES) * len(test_patch_bench.PROVIDERS)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU this would run the whole benchmark suite")
@@ -395,7 +396,9 @@ def test_benchmarks_skip_without_gpu():
                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     cases = _bench_cases()
-    assert cases == 390  # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 3 providers
+    # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 3 providers
+    # + torchvision's resnext50_32x4d patched and not, 2 modes
+    assert cases == 394
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{cases} skipped"), lines[-1]
     assert "passed" not in lines[-1] and "failed" not in lines[-1], lines[-1]
