@@ -230,11 +230,11 @@ def test_fuse_kernels_rejects_models_without_blocks():
     # itself is 2e-4 off float64 there.
     (_tiny_imagenet, 48),
 ], ids=["cifar-tiny", "imagenet-1block"])
-def test_fused_matches_unfused(builder, size, train, monkeypatch):
+def test_fused_matches_unfused(builder, size, train, monkeypatch, device):
     fused_module = _fused_module()
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    ref = _randomize_bn(builder(), gen).train(train)
+    ref = _randomize_bn(builder(), gen).train(train).to(device)
     fused = resnext.fuse_kernels(copy.deepcopy(ref))
 
     calls = []
@@ -246,8 +246,8 @@ def test_fused_matches_unfused(builder, size, train, monkeypatch):
 
     monkeypatch.setattr(fused_module, "grouped_conv_bn_relu_modules", spy)
 
-    x = torch.randn(2, 3, size, size, generator=gen)
-    head = torch.randn(2, 10, generator=gen)  # a random linear loss, so every gradient is non-trivial
+    x = torch.randn(2, 3, size, size, generator=gen).to(device)
+    head = torch.randn(2, 10, generator=gen).to(device)  # a random linear loss: no trivial gradient
     outs, grads = [], []
     for model in (ref, fused):
         xi = x.clone().requires_grad_(True)
