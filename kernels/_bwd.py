@@ -10,18 +10,26 @@ g = dy·[z·scale + shift > 0] (the ReLU mask, recomputed from z):
   the two conv kernels below rebuild it from (dy, z) as they load it. Under Triton's interpreter,
   where element-wise work rather than memory traffic is the cost, ``_bn_relu_bwd_kernel`` writes
   dz once instead (``MATERIALIZE_DZ``); both paths are tested on the CPU.
-* ``_bwd_dx_kernel``: dx = conv_transpose(dz, w), an implicit GEMM over input pixels.
-* ``_bwd_dw_kernel``: dw = Σ_pixels x_tap ⊗ dz, split over pixel ranges into float32 partials
-  that a second reduction sums in a fixed order (deterministic, no atomics).
+* ``_bwd_dx_kernel``: dx = conv_transpose(dz, w), an implicit GEMM over input pixels with the
+  packed weight tiles of ``kernels/_weights.py``. With stride 2, each program takes the pixels
+  of one (hi % 2, wi % 2) class and visits only the taps that link them to an output pixel.
+* ``_bwd_dw_kernel``: dw = Σ_pixels x_tap ⊗ dz. One program loads dz (or rebuilds it from
+  dy, z) once per block of pixels and multiplies it by all nine taps of x (three per kernel
+  row, stacked along the MMA's M). Split over pixel ranges into float32 partials that a second
+  reduction sums in a fixed order: deterministic, no atomics, the same bits whatever config
+  autotuning picks (the pixels per dot and the split edges are fixed, not tuned).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, aligned, bn_relu_grad, channel_tiles, conv_configs, dot_acc,
-                          dot_options, even_groups, group_channel_range, launch, pixel_coords,
-                          pointwise_tiles, prune_configs, shape_bucket)
+from ._conv_tiles import (INTERPRET, WGRAD_BLOCK_K, aligned, bn_relu_grad, channel_tiles, conv_configs,
+                          dot_acc, dot_options, even_groups, group_channel_range, launch, pixel_coords,
+                          pointwise_tiles, prune_configs, prune_wgrad_configs, shape_bucket,
+                          wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
+from ._autotune import autotune
+from ._weights import other_side_chunks, pack_weight
 
 # Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
 # the element-wise work 9 times (once per tap), which dominates under the interpreter.
@@ -29,13 +37,15 @@ MATERIALIZE_DZ = INTERPRET
 
 
 @triton.jit
-def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY: tl.constexpr):
-    """float32 dz at ``offs``: read, or rebuilt from (dy, z) with the per-channel coefficients."""
+def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY: tl.constexpr,
+             CACHE: tl.constexpr = ""):
+    """float32 dz at ``offs``: read, or rebuilt from (dy, z) with the per-channel coefficients.
+    ``CACHE=".ca"`` where the nine taps re-read overlapping windows (dgrad), as in the forward."""
     if DZ_IN_MEMORY:
-        dz = tl.load(dz_ptr + offs, mask=valid, other=0.0)
+        dz = tl.load(dz_ptr + offs, mask=valid, other=0.0, cache_modifier=CACHE)
     else:
-        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0)
-        z = tl.load(z_ptr + offs, mask=valid, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0, cache_modifier=CACHE)
+        z = tl.load(z_ptr + offs, mask=valid, other=0.0, cache_modifier=CACHE)
         dz = bn_relu_grad(dy, z, scale, shift, k1, k0, valid)
     return dz
 
@@ -58,7 +68,7 @@ def _bn_relu_bwd_kernel(
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
     k1 = tl.load(k1_ptr + offs_c, mask=mask_c, other=0.0)
     k0 = tl.load(k0_ptr + offs_c, mask=mask_c, other=0.0)
-    dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, mask, scale, shift, k1, k0, False)
+    dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, mask, scale, shift, k1, k0, False, "")
     tl.store(dz_ptr + offs, dz, mask=mask)
 
 
@@ -96,36 +106,51 @@ def _bn_bwd_reduce_kernel(
     tl.store(sum_gx_ptr + pid_s * C + offs_c, acc_gx, mask=mask_c)
 
 
-@triton.autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
-                 key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "DZ_IN_MEMORY"])
+@autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "DZ_IN_MEMORY",
+                "PRECISION"])
 @triton.jit
 def _bwd_dx_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
     dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
-    w_ptr,  # (C_out, CIN_G, 3, 3) contiguous
+    w_ptr,  # (CI_TILES, CO_CHUNKS, 9, BLOCK_CO, BLOCK_CI) packed block-diagonal (kernels/_weights.py)
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dx_ptr,  # (N, H, W, C_in) channels-last
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
+    CO_CHUNKS: tl.constexpr,  # BLOCK_CO chunks of the widest tile's output channels (1 for ResNeXt)
+    HC, WC,  # the input grid of one stride-parity class: ⌈H / STRIDE⌉ x ⌈W / STRIDE⌉
     STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program: BLOCK_M input pixels × BLOCK_CI input channels; for each tap, the output pixel
-    # that read this input pixel through that tap (if any) contributes dz[pixel] · w[tap].
+    # One program: BLOCK_M input pixels of one stride-parity class × BLOCK_CI input channels. Each
+    # tap (kh, kw) links input pixel hi to the output pixel ho = (hi + PAD - kh) / STRIDE when that
+    # divides exactly, which with STRIDE = 2 depends only on hi's parity: a class of pixels with
+    # the same (hi % 2, wi % 2) visits only its 1, 2 or 4 linked taps (2.25 on average, not 9).
+    cls = tl.program_id(1)  # (hi % STRIDE, wi % STRIDE) of every pixel of this program
+    ph = cls // STRIDE
+    pw = cls % STRIDE
     num_ci_tiles = tl.cdiv(C_in, BLOCK_CI)
     pid_m = tl.program_id(0) // num_ci_tiles
     pid_ci = tl.program_id(0) % num_ci_tiles
-    M = N * H * W
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    n, hi, wi = pixel_coords(offs_m, H, W)
+    n, i, j = pixel_coords(offs_m, HC, WC)
+    hi = i * STRIDE + ph
+    wi = j * STRIDE + pw
+    mask_m = (offs_m < N * HC * WC) & (hi < H) & (wi < W)
     ci_start = pid_ci * BLOCK_CI
     offs_ci = ci_start + tl.arange(0, BLOCK_CI)
     mask_ci = (offs_ci < C_in) | EVEN_GROUPS
-    g_ci = offs_ci // CIN_G
-    co_lo, co_hi = group_channel_range(ci_start, BLOCK_CI, C_in, CIN_G, COUT_G, BLOCK_CO, EVEN_GROUPS)
+    co_lo, co_hi = group_channel_range(ci_start, BLOCK_CI, C_in, CIN_G, COUT_G, BLOCK_CO, CO_CHUNKS,
+                                       EVEN_GROUPS)
+    w_tile = tl.arange(0, BLOCK_CO)[:, None] * BLOCK_CI + tl.arange(0, BLOCK_CI)[None, :]
+    # the linked taps: kh ≡ ph + PAD (mod STRIDE), and likewise kw
+    kh0 = (ph + PAD) % STRIDE
+    kw0 = (pw + PAD) % STRIDE
+    num_kw = (3 - kw0 + STRIDE - 1) // STRIDE
+    num_taps = (3 - kh0 + STRIDE - 1) // STRIDE * num_kw
 
     acc = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
     for co_start in range(co_lo, co_hi, BLOCK_CO):
@@ -135,29 +160,61 @@ def _bwd_dx_kernel(
         shift = tl.load(shift_ptr + offs_co, mask=mask_co, other=0.0)
         k1 = tl.load(k1_ptr + offs_co, mask=mask_co, other=0.0)
         k0 = tl.load(k0_ptr + offs_co, mask=mask_co, other=0.0)
-        # block-diagonal weight tile (BLOCK_CO, BLOCK_CI)
-        w_mask = (offs_co[:, None] // COUT_G == g_ci[None, :]) & mask_co[:, None] & mask_ci[None, :]
-        w_offs = offs_co[:, None] * (CIN_G * 9) + (offs_ci[None, :] - g_ci[None, :] * CIN_G) * 9
-        for tap in range(9):  # a runtime loop, as in the forward: one buffer per load per stage
-            ho_s = hi + PAD - tap // 3  # = ho · STRIDE when this tap links (ho, hi)
-            wo_s = wi + PAD - tap % 3
+        w_chunk = w_ptr + ((pid_ci * CO_CHUNKS + (co_start - co_lo) // BLOCK_CO) * 9) * BLOCK_CO * BLOCK_CI
+        for t in range(num_taps):  # a runtime loop, as in the forward: one buffer per load per stage
+            kh = kh0 + t // num_kw * STRIDE
+            kw = kw0 + t % num_kw * STRIDE
+            ho_s = hi + PAD - kh  # = ho · STRIDE, exactly
+            wo_s = wi + PAD - kw
             ho = ho_s // STRIDE
             wo = wo_s // STRIDE
-            linked = (mask_m & (ho_s >= 0) & (wo_s >= 0) & (ho_s % STRIDE == 0)
-                      & (wo_s % STRIDE == 0) & (ho < Ho) & (wo < Wo))
+            linked = mask_m & (ho_s >= 0) & (wo_s >= 0) & (ho < Ho) & (wo < Wo)
             pix = ((n * Ho + ho) * Wo + wo).to(tl.int64) * C_out
             valid = linked[:, None] & mask_co[None, :]
             offs = pix[:, None] + offs_co[None, :]
-            dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)
-            b = tl.load(w_ptr + w_offs + tap, mask=w_mask, other=0.0)
+            dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY, ".ca")
+            # dense, zeros off the diagonal
+            b = tl.load(w_chunk + (kh * 3 + kw) * BLOCK_CO * BLOCK_CI + w_tile)
             acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
 
-    dx_offs = offs_m.to(tl.int64)[:, None] * C_in + offs_ci[None, :]
+    dx_offs = (((n * H + hi) * W + wi).to(tl.int64) * C_in)[:, None] + offs_ci[None, :]
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
-@triton.autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
-                 key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "DZ_IN_MEMORY"])
+@triton.jit
+def _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh, offs_ci, mask_ci, H, W, C_in,
+                  STRIDE: tl.constexpr, PAD: tl.constexpr):
+    """The three taps (kh, 0..2) of x at BLOCK_K output pixels, as one (4·BLOCK_CI, BLOCK_K) dot
+    operand: rows [kw·BLOCK_CI, (kw+1)·BLOCK_CI) hold tap (kh, kw); kw = 3 is zero padding."""
+    kw = tl.arange(0, 4)
+    hi = ho * STRIDE - PAD + kh
+    wi = wo[:, None] * STRIDE - PAD + kw[None, :]  # (BLOCK_K, 4)
+    inside = (mask_m & (hi >= 0) & (hi < H))[:, None] & (kw < 3)[None, :] & (wi >= 0) & (wi < W)
+    pix = ((n * H + hi)[:, None] * W + wi).to(tl.int64) * C_in
+    # ".ca": the three kw-shifted copies, and the rows neighbouring pixel blocks share, hit L1
+    a = tl.load(x_ptr + pix[:, :, None] + offs_ci[None, None, :],
+                mask=inside[:, :, None] & mask_ci[None, None, :], other=0.0, cache_modifier=".ca")
+    return tl.trans(tl.reshape(a, (a.shape[0], 4 * a.shape[2])))
+
+
+@triton.jit
+def _store_dw_row(dw_part_ptr, acc, pid_s, kh, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G):
+    """acc (4·BLOCK_CI, BLOCK_CO) holds taps (kh, 0..3): keep the block diagonal of taps 0..2,
+    w[co, ci - group(co)·CIN_G, kh, kw], in split ``pid_s``'s float32 partial."""
+    acc = tl.reshape(acc, (4, acc.shape[0] // 4, acc.shape[1]))
+    kw = tl.arange(0, 4)[:, None, None]
+    ci = offs_ci[None, :, None]
+    co = offs_co[None, None, :]
+    keep = ((kw < 3) & (ci // CIN_G == co // COUT_G) & mask_ci[None, :, None] & mask_co[None, None, :])
+    # int32 offsets from the split's base: 64-bit pointers per element took 255 registers at
+    # 64 channels per group (sm_90, triton 3.9)
+    split_base = dw_part_ptr + pid_s.to(tl.int64) * C_out * CIN_G * 9
+    tl.store(split_base + (co * (CIN_G * 9) + (ci - co // COUT_G * CIN_G) * 9 + kh * 3 + kw), acc, mask=keep)
+
+
+@autotune(configs=wgrad_configs(), prune_configs_by={"early_config_prune": prune_wgrad_configs},
+           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "DZ_IN_MEMORY",
+                "PRECISION"])
 @triton.jit
 def _bwd_dw_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
@@ -166,28 +223,33 @@ def _bwd_dw_kernel(
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dw_part_ptr,  # (S, C_out, CIN_G, 9) float32 partials, one slice per pixel split
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
+    CI_CHUNKS: tl.constexpr,  # BLOCK_CI chunks of the widest tile's input channels
+    ROWS_PER_SPLIT,  # a multiple of BLOCK_K
     STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
-    CI_CHUNKS, SPLITS,
     N_BUCKET,  # autotune key only
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # pixels per dot: fixed (WGRAD_BLOCK_K), so the sums' order is too
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    KH_ROWS: tl.constexpr,  # kernel rows per program: 3 (all nine taps) or 1
     DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program: split s of the output pixels, one tap, BLOCK_CO output channels ×
-    # one BLOCK_CI chunk of the input channels of their groups: acc = Σ_m dz[m]ᵀ · x_tap[m].
-    # (tap, channel tile) vary fastest: programs over the same pixel split run together
-    tiles_per_split = tl.cdiv(C_out, BLOCK_CO) * CI_CHUNKS * 9
+    # One program: split s of the output pixels, BLOCK_CO output channels × one BLOCK_CI chunk of
+    # their groups' input channels, KH_ROWS kernel rows: for each block of BLOCK_K pixels, dz is
+    # loaded (or rebuilt from dy, z) once and multiplied by the x taps of every kernel row,
+    # acc[kh][(kw, ci), co] += Σ_m x[pixel(m) + (kh, kw), ci] · dz[m, co]. The (kw, ci) rows make
+    # the MMA's M extent 4·BLOCK_CI >= 64, so no warp duplicates another's work.
+    row_groups = 3 // KH_ROWS
+    tiles_per_split = tl.cdiv(C_out, BLOCK_CO) * CI_CHUNKS * row_groups
     pid_s = tl.program_id(0) // tiles_per_split
-    tap = tl.program_id(0) % 9
-    pid_co = (tl.program_id(0) % tiles_per_split) // 9 // CI_CHUNKS
-    chunk = (tl.program_id(0) % tiles_per_split) // 9 % CI_CHUNKS
-    kh = tap // 3
-    kw = tap % 3
+    r = tl.program_id(0) % tiles_per_split
+    kh0 = r % row_groups * KH_ROWS
+    chunk = r // row_groups % CI_CHUNKS
+    pid_co = r // row_groups // CI_CHUNKS
     co_start = pid_co * BLOCK_CO
     offs_co = co_start + tl.arange(0, BLOCK_CO)
     mask_co = (offs_co < C_out) | EVEN_GROUPS
-    g_co = offs_co // COUT_G
-    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G, BLOCK_CI, EVEN_GROUPS)
+    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G, BLOCK_CI, CI_CHUNKS,
+                                       EVEN_GROUPS)
     offs_ci = aligned(ci_lo + chunk * BLOCK_CI + tl.arange(0, BLOCK_CI), BLOCK_CI, EVEN_GROUPS)
     mask_ci = (offs_ci < ci_hi) | EVEN_GROUPS
     scale = tl.load(scale_ptr + offs_co, mask=mask_co, other=0.0)
@@ -196,31 +258,31 @@ def _bwd_dw_kernel(
     k0 = tl.load(k0_ptr + offs_co, mask=mask_co, other=0.0)
 
     M = N * Ho * Wo
-    rows = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_M) * BLOCK_M
-    row_start = pid_s * rows
-    row_end = tl.minimum(row_start + rows, M)
-    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
-    for m_start in range(row_start, row_end, BLOCK_M):
-        offs_m = m_start + tl.arange(0, BLOCK_M)
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
+    acc0 = tl.zeros((4 * BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    acc1 = tl.zeros((4 * BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    acc2 = tl.zeros((4 * BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    for m_start in range(row_start, row_end, BLOCK_K):
+        offs_m = m_start + tl.arange(0, BLOCK_K)
         mask_m = offs_m < row_end
         n, ho, wo = pixel_coords(offs_m, Ho, Wo)
-        valid = mask_m[:, None] & mask_co[None, :]
         offs = offs_m.to(tl.int64)[:, None] * C_out + offs_co[None, :]
-        dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY)
+        dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, mask_m[:, None] & mask_co[None, :], scale, shift,
+                      k1, k0, DZ_IN_MEMORY, "")
         dz = dz.to(x_ptr.dtype.element_ty)
-        hi = ho * STRIDE - PAD + kh
-        wi = wo * STRIDE - PAD + kw
-        inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        pix = ((n * H + hi) * W + wi).to(tl.int64) * C_in
-        a = tl.load(x_ptr + pix[:, None] + offs_ci[None, :], mask=inside[:, None] & mask_ci[None, :],
-                    other=0.0)
-        acc = dot_acc(tl.trans(dz), a, acc, UPCAST, PRECISION)
+        a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh0, offs_ci, mask_ci, H, W, C_in, STRIDE, PAD)
+        acc0 = dot_acc(a, dz, acc0, UPCAST, PRECISION)
+        if KH_ROWS == 3:
+            a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, 1, offs_ci, mask_ci, H, W, C_in, STRIDE, PAD)
+            acc1 = dot_acc(a, dz, acc1, UPCAST, PRECISION)
+            a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, 2, offs_ci, mask_ci, H, W, C_in, STRIDE, PAD)
+            acc2 = dot_acc(a, dz, acc2, UPCAST, PRECISION)
 
-    # keep the block diagonal only: w[co, ci - group(co)·CIN_G, kh, kw]
-    keep = (offs_ci[None, :] // CIN_G == g_co[:, None]) & mask_co[:, None] & mask_ci[None, :]
-    part = (dw_part_ptr + pid_s.to(tl.int64) * C_out * CIN_G * 9 + offs_co[:, None] * (CIN_G * 9)
-            + (offs_ci[None, :] - g_co[:, None] * CIN_G) * 9 + tap)
-    tl.store(part, acc, mask=keep)
+    _store_dw_row(dw_part_ptr, acc0, pid_s, kh0, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G)
+    if KH_ROWS == 3:
+        _store_dw_row(dw_part_ptr, acc1, pid_s, 1, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G)
+        _store_dw_row(dw_part_ptr, acc2, pid_s, 2, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G)
 
 
 def _num_splits(m, device):
@@ -265,13 +327,17 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, co
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
     block_ci, block_co = channel_tiles(cout_g, cin_g)  # tiles the input side, loops the output side
+    packed, co_chunks = pack_weight(weight, groups, block_ci, block_co, tiled_is_out=False)
     dx = torch.empty((n, c_in, h, w), device=z.device, dtype=weight.dtype,
                      memory_format=torch.channels_last)
-    grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci),)
+    hc, wc = triton.cdiv(h, stride), triton.cdiv(w, stride)  # one stride-parity class's grid
+
+    def grid(meta):  # axis 1: the stride-parity classes
+        return triton.cdiv(n * hc * wc, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci), stride * stride
     launch(
         _bwd_dx_kernel, grid, config,
-        dy, z, dz if dz is not None else dy, weight, *coeffs, dx,
-        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, shape_bucket(n),
+        dy, z, dz if dz is not None else dy, packed, *coeffs, dx,
+        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, co_chunks, hc, wc, stride, padding, shape_bucket(n),
         BLOCK_CI=block_ci, BLOCK_CO=block_co, DZ_IN_MEMORY=dz is not None,
         EVEN_GROUPS=even_groups(c_in, cin_g, cout_g, block_ci, block_co), **dot_options(weight.dtype),
     )
@@ -280,23 +346,26 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, co
 
 def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None):
     """dw (weight's shape and dtype) of the grouped conv; dz read from ``dz`` when given, else
-    rebuilt from (dy, z)."""
+    rebuilt from (dy, z). Float32 partials per pixel split, summed in a fixed order."""
     n, c_in, h, w = x.shape
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
-    block_co, block_ci = channel_tiles(cin_g, cout_g)
+    block_co, block_ci = wgrad_tiles(cin_g, cout_g)
     co_tiles = triton.cdiv(c_out, block_co)
-    # the widest input-channel range any output-channel tile needs, in BLOCK_CI chunks
-    spans = [(min(t * block_co + block_co, c_out) - 1) // cout_g - (t * block_co) // cout_g + 1
-             for t in range(co_tiles)]
-    ci_chunks = triton.cdiv(max(spans) * cin_g, block_ci)
-    splits = _num_splits(n * ho * wo, x.device)
-    dw_part = torch.zeros((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
+    ci_chunks = other_side_chunks(c_out, cout_g, cin_g, block_co, block_ci)
+    kh_rows = wgrad_taps_per_program(block_co, block_ci)
+    m = n * ho * wo
+    splits = _num_splits(m, x.device)
+    rows = triton.cdiv(triton.cdiv(m, splits), WGRAD_BLOCK_K) * WGRAD_BLOCK_K
+    splits = triton.cdiv(m, rows)  # no empty split
+    # every entry is written: each (co, ci) of a group lies in exactly one (tile, chunk)
+    dw_part = torch.empty((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
     launch(
-        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * 9,), config,
+        _bwd_dw_kernel, (splits * co_tiles * ci_chunks * (3 // kh_rows),), config,
         x, dy, z, dz if dz is not None else dy, *coeffs, dw_part,
-        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, ci_chunks, splits, shape_bucket(n),
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, DZ_IN_MEMORY=dz is not None,
-        EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci), **dot_options(x.dtype),
+        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, ci_chunks, rows, stride, padding, shape_bucket(n),
+        BLOCK_K=WGRAD_BLOCK_K, BLOCK_CO=block_co, BLOCK_CI=block_ci, KH_ROWS=kh_rows,
+        DZ_IN_MEMORY=dz is not None, EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
+        **dot_options(x.dtype),
     )
     return dw_part.sum(0).view(c_out, cin_g, 3, 3).to(weight.dtype)

@@ -56,7 +56,19 @@ def dot_options(dtype):
 
 
 def conv_configs(interpret=INTERPRET):
-    """Autotune configurations of the conv-like kernels (pixel tile, warps, pipeline stages).
+    """Autotune configurations of the forward and dgrad kernels (pixel tile, warps, pipeline).
+
+    The nine taps of a 3x3 conv read nine overlapping windows of the same activation rows, so
+    where those loads are served from matters more than anything else here. Both ways are offered
+    and the GPU picks:
+
+    * ``num_stages > 1``: the tap loop is software-pipelined with ``cp.async`` copies into shared
+      memory, which hide load latency. Triton 3.9 honours the loads' ``cache_modifier=".ca"`` and
+      caches them in L1; Triton 3.6 ignores it and emits ``cp.async.cg``, which bypasses L1, so
+      each tap re-reads its tile from L2 (seen in the sm_90 code of both versions).
+    * ``num_stages = 1``: no pipeline; plain ``ld.global`` loads go through L1, where the taps'
+      overlapping windows hit. Latency is hidden by more CTAs per SM instead (no pipeline
+      buffers in shared memory).
 
     The interpreter gets a single large pixel tile: it runs programs one after another, so fewer,
     larger programs are much faster there, and one config means no benchmarking.
@@ -68,20 +80,29 @@ def conv_configs(interpret=INTERPRET):
         # (256, 4, 2) was dropped: 182-255 registers and spills from 32 channels per group up
         # (triton 3.9 AOT-compiled for sm_90)
         for block_m, warps, stages in [
-            (64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3),
+            (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3),  # pipelined
+            (64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1),  # through L1
         ]
     ]
 
 
 # Pixel tile × widest channel tile × element size a config may pipeline. From compiling every
 # config for sm_90 (triton 3.9): past this, BLOCK_M=256 with 64-wide tiles overflowed H100's
-# 227 KiB of shared memory in wgrad, and in float32 from 32-wide tiles on, or spilled registers.
+# 227 KiB of shared memory, and in float32 from 32-wide tiles on, or spilled registers.
 TILE_BYTES_BUDGET = 16 * 1024
+
+
+# Float32 accumulator elements per thread a config may hold. Past it, 64-wide tiles spilled:
+# dgrad at BLOCK_M=128 with 4 warps (64 per thread, plus dz rebuilt in float32), 255 registers and
+# 48-144 bytes of spill stores and loads (sm_90, triton 3.9, benchmarks/results/compile-sm90.md).
+ACC_PER_THREAD_BUDGET = 32
 
 
 def config_fits(config, block_co, block_ci, elem_size):
     """Whether ``config`` is safe for channel tiles (block_co, block_ci) of elem_size-byte data."""
-    return config.kwargs["BLOCK_M"] * max(block_co, block_ci) * elem_size <= TILE_BYTES_BUDGET
+    block_m, tile = config.kwargs["BLOCK_M"], max(block_co, block_ci)
+    return (block_m * tile * elem_size <= TILE_BYTES_BUDGET
+            and block_m * tile <= ACC_PER_THREAD_BUDGET * 32 * config.num_warps)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -89,6 +110,54 @@ def prune_configs(configs, named_args, **kwargs):
     elem_size = next(v.element_size() for v in named_args.values() if hasattr(v, "element_size"))
     fits = [c for c in configs if config_fits(c, kwargs["BLOCK_CO"], kwargs["BLOCK_CI"], elem_size)]
     return fits or configs[:1]
+
+
+# Pixels per tl.dot in the weight gradient, and the granularity of every pixel split: fixed, not
+# tuned, so that the float32 sums run in the same order whatever config autotuning picks (each
+# dot accumulates its K blocks in order, so only the dot's extent and the split edges matter).
+WGRAD_BLOCK_K = 4096 if INTERPRET else 64
+# Shared memory a weight-gradient config may pipeline (x rows + dz tile per stage), in bytes.
+WGRAD_STAGE_BUDGET = 160 * 1024
+
+
+def wgrad_configs(interpret=INTERPRET):
+    """Autotune configurations of the weight-gradient kernel: warps and pipeline depth only (its
+    pixel extent is WGRAD_BLOCK_K). ``num_stages=1`` loads through L1, where the 3 kw-shifted
+    copies of each x row and the rows shared by consecutive pixel blocks hit (see conv_configs)."""
+    if interpret:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+def wgrad_tiles(cin_per_group, cout_per_group):
+    """(BLOCK_CO, BLOCK_CI) of the weight-gradient kernel: the forward's tiles, with the input
+    channels in chunks of at most 2048 / BLOCK_CO. Its accumulator is (4·BLOCK_CI, BLOCK_CO) per
+    kernel row; 64x64 took 190-255 registers and spilled, 64x32 takes 128 (sm_90, triton 3.9)."""
+    block_co, block_ci = channel_tiles(cin_per_group, cout_per_group)
+    return block_co, min(block_ci, max(MIN_DOT, 2048 // block_co))
+
+
+def wgrad_taps_per_program(block_co, block_ci):
+    """Kernel rows per weight-gradient program: 3 (all 9 taps) for 16-wide channel tiles, else 1.
+    Three float32 accumulators of (4·BLOCK_CI, BLOCK_CO) took 255 registers and spilled from
+    32x32 tiles on (sm_90, triton 3.9): 32-64 channels per group pay 3 dz loads per pixel instead."""
+    return 3 if block_co * block_ci <= 16 * 16 else 1
+
+
+def wgrad_stage_bytes(block_co, block_ci, rows, elem_size):
+    return WGRAD_BLOCK_K * (rows * 4 * block_ci + block_co) * elem_size
+
+
+def prune_wgrad_configs(configs, named_args, **kwargs):
+    """Keep the weight-gradient configs whose pipeline buffers fit (num_stages=1 always does) and
+    whose accumulators, KH_ROWS x (4·BLOCK_CI, BLOCK_CO) float32, fit ACC_PER_THREAD_BUDGET."""
+    elem_size = named_args["x_ptr"].element_size()
+    block_co, block_ci, rows = kwargs["BLOCK_CO"], kwargs["BLOCK_CI"], kwargs["KH_ROWS"]
+    per_stage = wgrad_stage_bytes(block_co, block_ci, rows, elem_size)
+    acc = rows * 4 * block_ci * block_co
+    fits = [c for c in configs if (c.num_stages == 1 or c.num_stages * per_stage <= WGRAD_STAGE_BUDGET)
+            and acc <= ACC_PER_THREAD_BUDGET * 32 * c.num_warps]
+    return fits or configs[-1:]
 
 
 def shape_bucket(n):
@@ -105,13 +174,6 @@ def launch(kernel, grid, config, *args, **meta):
                         num_stages=config.num_stages)
 
 
-def min_block_m(kernel, config):
-    """The pixel tile a launch will use at the smallest: sizes per-tile partial buffers."""
-    if config is not None:
-        return config.kwargs["BLOCK_M"]
-    return min(c.kwargs["BLOCK_M"] for c in kernel.configs)
-
-
 @triton.jit
 def pixel_coords(offs_m, H, W):
     """(n, h, w) of flat pixel indices into an (N, H, W) grid."""
@@ -119,24 +181,28 @@ def pixel_coords(offs_m, H, W):
 
 
 def even_groups(c_tiled, tiled_per_group, other_per_group, block_tiled, block_other):
-    """Whether every channel tile holds whole groups whose channels on the other side fill exactly
-    one tile (true for every ResNeXt width). Tile edges then need no masks and start on tile
-    boundaries, which lets the compiler vectorize the channel-contiguous loads."""
+    """Whether every channel tile holds whole groups whose channels on the other side fill a whole
+    number of chunks (true for every ResNeXt width). Tile edges then need no masks and start on
+    chunk boundaries, which lets the compiler vectorize the channel-contiguous loads."""
     return (block_tiled % tiled_per_group == 0 and c_tiled % block_tiled == 0
-            and block_tiled // tiled_per_group * other_per_group == block_other)
+            and block_tiled // tiled_per_group * other_per_group % block_other == 0)
 
 
 @triton.jit
 def group_channel_range(tile_start, TILE: tl.constexpr, C_TILED, TILED_PER_GROUP, OTHER_PER_GROUP,
-                        OTHER_TILE: tl.constexpr, EVEN_GROUPS: tl.constexpr):
+                        OTHER_TILE: tl.constexpr, OTHER_CHUNKS: tl.constexpr, EVEN_GROUPS: tl.constexpr):
     """The channels on the *other* side of the block-diagonal weight that a channel tile needs.
 
     A tile of TILE channels starting at ``tile_start`` (out of C_TILED, TILED_PER_GROUP per
-    group) touches groups [g_first, g_last]; returns their channel range on the other side.
+    group) touches groups [g_first, g_last]; returns their channel range on the other side, which
+    the kernels walk in OTHER_TILE chunks (at most OTHER_CHUNKS of them).
     """
     if EVEN_GROUPS:
-        lo = tile_start // TILE * OTHER_TILE
-        hi = lo + OTHER_TILE
+        # exactly OTHER_CHUNKS chunks; from constexprs, so the compiler knows the range is aligned
+        # (computed from TILED_PER_GROUP, a runtime value, the loads stopped vectorizing: sm_90,
+        # triton 3.9)
+        lo = tile_start // TILE * (OTHER_TILE * OTHER_CHUNKS)
+        hi = lo + OTHER_TILE * OTHER_CHUNKS
     else:
         g_first = tile_start // TILED_PER_GROUP
         g_last = (tl.minimum(tile_start + TILE, C_TILED) - 1) // TILED_PER_GROUP

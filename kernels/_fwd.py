@@ -1,9 +1,10 @@
 """Forward kernels of the fused grouped conv + BatchNorm + ReLU, and their launchers.
 
 Inference (BatchNorm folded):  one kernel, ``y = relu(conv(x) · scale + shift)``.
-Training:  ``_fwd_kernel`` writes z = conv(x) and per-tile float32 (mean, M2) partials of z;
-``_bn_stats_kernel`` merges them (Chan's parallel formula, no E[z²] − E[z]²), updates the running
-statistics and emits the per-channel scale/shift; ``_bn_relu_kernel`` applies them to z.
+Training:  ``_fwd_kernel`` writes z = conv(x) and float32 (mean, M2) statistics of z per chunk of
+64 pixels (``kernels/_stats.py``); ``bn_stats`` merges them (Chan's parallel formula, no
+E[z²] − E[z]²), updates the running statistics and emits the per-channel scale/shift;
+``_bn_relu_kernel`` applies them to z.
 """
 
 import torch
@@ -11,26 +12,31 @@ import triton
 import triton.language as tl
 
 from ._conv_tiles import (aligned, channel_tiles, conv_configs, dot_acc, dot_options,
-                          even_groups, group_channel_range, launch, min_block_m, pixel_coords,
-                          pointwise_tiles, prune_configs, shape_bucket)
+                          even_groups, group_channel_range, launch, pixel_coords, pointwise_tiles,
+                          prune_configs, shape_bucket)
+from ._stats import STATS_ROWS, bn_stats, chunk_stats, partials  # noqa: F401  (bn_stats: re-exported)
+from ._autotune import autotune
+from ._weights import pack_weight
+
+# as constexprs: jit functions may read only globals declared so
+_STATS_ROWS = tl.constexpr(STATS_ROWS)
+_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
 
-# Tuning runs write the partials of configs with other pixel tiles: zeroing the tile counts before
-# every run (and before the final one) keeps their stale tiles out of the statistics.
-@triton.autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
-                 key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "STORE", "COMPUTE_STATS"],
-                 reset_to_zero=["count_part_ptr"])
+@autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "STORE",
+                "COMPUTE_STATS", "PRECISION"])
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
-    w_ptr,  # (C_out, CIN_G, 3, 3) contiguous
+    w_ptr,  # (CO_TILES, CI_CHUNKS, 9, BLOCK_CI, BLOCK_CO) packed block-diagonal (kernels/_weights.py)
     scale_ptr, shift_ptr,  # (C_out,) float32, read when STORE == STORE_BN_RELU
     y_ptr,  # (N, Ho, Wo, C_out) channels-last: z or relu(z·scale + shift)
-    mean_part_ptr, m2_part_ptr,  # (T_max, C_out) float32, T_max ≥ cdiv(M, BLOCK_M)
-    count_part_ptr,  # (T_max,) float32, zero-initialised
+    mean_part_ptr, m2_part_ptr,  # (⌈M / STATS_ROWS⌉, C_out) float32 per-chunk statistics of z
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
+    CI_CHUNKS: tl.constexpr,  # BLOCK_CI chunks of the widest tile's input channels (1 for ResNeXt)
     STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
     N_BUCKET,  # autotune key only
     # meta-parameters
@@ -51,16 +57,15 @@ def _fwd_kernel(
     co_start = pid_co * BLOCK_CO
     offs_co = co_start + tl.arange(0, BLOCK_CO)
     mask_co = (offs_co < C_out) | EVEN_GROUPS
-    g_co = offs_co // COUT_G
-    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G, BLOCK_CI, EVEN_GROUPS)
+    ci_lo, ci_hi = group_channel_range(co_start, BLOCK_CO, C_out, COUT_G, CIN_G, BLOCK_CI, CI_CHUNKS,
+                                       EVEN_GROUPS)
+    w_tile = tl.arange(0, BLOCK_CI)[:, None] * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_CO), dtype=tl.float32)
     for ci_start in range(ci_lo, ci_hi, BLOCK_CI):
         offs_ci = aligned(ci_start + tl.arange(0, BLOCK_CI), BLOCK_CI, EVEN_GROUPS)
         mask_ci = (offs_ci < ci_hi) | EVEN_GROUPS
-        # block-diagonal weight tile (BLOCK_CI, BLOCK_CO): zero where ci and co are in different groups
-        w_mask = (offs_ci[:, None] // CIN_G == g_co[None, :]) & mask_ci[:, None] & mask_co[None, :]
-        w_offs = offs_co[None, :] * (CIN_G * 9) + (offs_ci[:, None] - g_co[None, :] * CIN_G) * 9
+        w_chunk = w_ptr + ((pid_co * CI_CHUNKS + (ci_start - ci_lo) // BLOCK_CI) * 9) * BLOCK_CI * BLOCK_CO
         # taps as a runtime loop, the one the compiler pipelines: it then buffers one x tile and
         # one w tile per stage (nine unrolled taps took nine each, past H100's shared memory
         # for 32-64 channels per group, seen compiling with triton 3.9 for sm_90)
@@ -69,9 +74,10 @@ def _fwd_kernel(
             wi = wo * STRIDE - PAD + tap % 3
             inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             pix = ((n * H + hi) * W + wi).to(tl.int64) * C_in
+            # ".ca": keep the taps' overlapping windows in L1 (triton 3.9; 3.6 ignores it)
             a = tl.load(x_ptr + pix[:, None] + offs_ci[None, :],
-                        mask=inside[:, None] & mask_ci[None, :], other=0.0)
-            b = tl.load(w_ptr + w_offs + tap, mask=w_mask, other=0.0)
+                        mask=inside[:, None] & mask_ci[None, :], other=0.0, cache_modifier=".ca")
+            b = tl.load(w_chunk + tap * BLOCK_CI * BLOCK_CO + w_tile)  # dense, zeros off the diagonal
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
 
     if COMPUTE_STATS:
@@ -79,14 +85,13 @@ def _fwd_kernel(
             # statistics of z as stored, so that normalising the stored z is self-consistent
             # (as in PyTorch); matters in half precision when few values share a channel
             acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        # rows past M hold exact zeros (all their loads were masked), so they add nothing to the sum
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        tile_mean = tl.sum(acc, axis=0) / count
-        dev = tl.where(mask_m[:, None], acc - tile_mean[None, :], 0.0)
-        tl.store(mean_part_ptr + pid_m * C_out + offs_co, tile_mean, mask=mask_co)
-        tl.store(m2_part_ptr + pid_m * C_out + offs_co, tl.sum(dev * dev, axis=0), mask=mask_co)
-        if pid_co == 0:
-            tl.store(count_part_ptr + pid_m, count)
+        # rows past M hold exact zeros (all their loads were masked), so they add nothing to the sums
+        mean, m2 = chunk_stats(acc, mask_m, M - pid_m * BLOCK_M, _STATS_ROWS, _LOG2_STATS_ROWS)
+        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
+        part = offs_t[:, None] * C_out + offs_co[None, :]
+        keep = (offs_t * _STATS_ROWS < M)[:, None] & mask_co[None, :]
+        tl.store(mean_part_ptr + part, mean, mask=keep)
+        tl.store(m2_part_ptr + part, m2, mask=keep)
     if STORE != 0:
         if STORE == 2:
             scale = tl.load(scale_ptr + offs_co, mask=mask_co, other=0.0)
@@ -94,55 +99,6 @@ def _fwd_kernel(
             acc = tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
         y_offs = offs_m.to(tl.int64)[:, None] * C_out + offs_co[None, :]
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_co[None, :])
-
-
-@triton.jit
-def _bn_stats_kernel(
-    mean_part_ptr, m2_part_ptr,  # (T, C) float32 per-tile mean and sum of squared deviations
-    count_part_ptr,  # (T,) float32 pixels per tile (0 for tiles that do not exist)
-    bn_weight_ptr, bn_bias_ptr,  # (C,) float32
-    running_mean_ptr, running_var_ptr,  # (C,) float32, updated in place when UPDATE_RUNNING
-    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # (C,) float32 outputs
-    T, C, count, eps, momentum,
-    # meta-parameters
-    UPDATE_RUNNING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # One program: BLOCK_C channels, two sweeps over the T partials (mean, then M2 about it).
-    # Not autotuned, so it never runs twice on the live running statistics.
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t_start in range(0, T, BLOCK_T):
-        offs_t = t_start + tl.arange(0, BLOCK_T)
-        cnt = tl.load(count_part_ptr + offs_t, mask=offs_t < T, other=0.0)
-        m = tl.load(mean_part_ptr + offs_t[:, None] * C + offs_c[None, :],
-                    mask=(cnt[:, None] > 0) & mask_c[None, :], other=0.0)
-        total += tl.sum(m * cnt[:, None], axis=0)
-    mean = total / count
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t_start in range(0, T, BLOCK_T):
-        offs_t = t_start + tl.arange(0, BLOCK_T)
-        cnt = tl.load(count_part_ptr + offs_t, mask=offs_t < T, other=0.0)
-        valid = (cnt[:, None] > 0) & mask_c[None, :]
-        m = tl.load(mean_part_ptr + offs_t[:, None] * C + offs_c[None, :], mask=valid, other=0.0)
-        q = tl.load(m2_part_ptr + offs_t[:, None] * C + offs_c[None, :], mask=valid, other=0.0)
-        d = m - mean[None, :]
-        m2 += tl.sum(tl.where(valid, q + cnt[:, None] * d * d, 0.0), axis=0)
-    var = m2 / count
-    invstd = 1.0 / tl.sqrt(var + eps)
-    gamma = tl.load(bn_weight_ptr + offs_c, mask=mask_c, other=1.0)
-    beta = tl.load(bn_bias_ptr + offs_c, mask=mask_c, other=0.0)
-    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-    tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
-    tl.store(scale_ptr + offs_c, gamma * invstd, mask=mask_c)
-    tl.store(shift_ptr + offs_c, beta - mean * gamma * invstd, mask=mask_c)
-    if UPDATE_RUNNING:
-        # nn.BatchNorm2d: running_var tracks the unbiased variance
-        rm = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0)
-        rv = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0)
-        tl.store(running_mean_ptr + offs_c, (1.0 - momentum) * rm + momentum * mean, mask=mask_c)
-        tl.store(running_var_ptr + offs_c, (1.0 - momentum) * rv + momentum * (m2 / (count - 1.0)),
-                 mask=mask_c)
 
 
 @triton.jit
@@ -174,55 +130,33 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
                  compute_stats=False, config=None):
     """Launch ``_fwd_kernel`` on channels-last ``x``; returns (out or None, stats partials or None).
 
-    ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype. ``config`` forces one
-    autotune config instead of tuning.
+    ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype; the partials are what
+    ``kernels._stats.bn_stats`` merges. ``config`` forces one autotune config instead of tuning.
     """
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     ho, wo = out_size(h, stride, padding), out_size(w, stride, padding)
     cin_g, cout_g = c_in // groups, c_out // groups
     block_co, block_ci = channel_tiles(cin_g, cout_g)
+    packed, ci_chunks = pack_weight(weight, groups, block_co, block_ci, tiled_is_out=True, dtype=x.dtype)
     m = n * ho * wo
     out = None
     if store != STORE_NOTHING:
         out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                           memory_format=torch.channels_last)
-    # partials sized for the smallest pixel tile any autotune config may pick
-    t_max = triton.cdiv(m, min_block_m(_fwd_kernel, config))
-    stats = None
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
-    if compute_stats:
-        stats = (torch.empty((t_max, c_out), device=x.device, dtype=torch.float32),
-                 torch.empty((t_max, c_out), device=x.device, dtype=torch.float32),
-                 torch.zeros((t_max,), device=x.device, dtype=torch.float32))
-    mean_part, m2_part, count_part = stats if compute_stats else (dummy, dummy, dummy)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, block_co),)
+    stats = partials(m, c_out, x.device) if compute_stats else None
+    mean_part, m2_part = stats if compute_stats else (dummy, dummy)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, block_co),)  # noqa: E731
     launch(
         _fwd_kernel, grid, config,
-        x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy,
-        out if out is not None else dummy, mean_part, m2_part, count_part,
-        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, stride, padding, shape_bucket(n),
+        x, packed, scale if scale is not None else dummy, shift if shift is not None else dummy,
+        out if out is not None else dummy, mean_part, m2_part,
+        n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, ci_chunks, stride, padding, shape_bucket(n),
         STORE=store, COMPUTE_STATS=compute_stats, BLOCK_CO=block_co, BLOCK_CI=block_ci,
         EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci), **dot_options(x.dtype),
     )
     return out, stats
-
-
-def bn_stats(stats, count, bn_weight, bn_bias, running_mean, running_var, eps, momentum):
-    """Batch mean/invstd and the folded scale/shift; updates the running statistics in place."""
-    mean_part, m2_part, count_part = stats
-    t, c = mean_part.shape
-    mean, invstd, scale, shift = torch.empty((4, c), device=mean_part.device, dtype=torch.float32)
-    update = running_mean is not None
-    # narrow channel blocks and long tile blocks: more programs, fewer dependent sweeps over T
-    block_c = min(32, triton.next_power_of_2(c))
-    _bn_stats_kernel[(triton.cdiv(c, block_c),)](
-        mean_part, m2_part, count_part, bn_weight, bn_bias,
-        running_mean if update else mean, running_var if update else invstd,
-        mean, invstd, scale, shift, t, c, float(count), eps, momentum,
-        UPDATE_RUNNING=update, BLOCK_T=256, BLOCK_C=block_c,
-    )
-    return mean, invstd, scale, shift
 
 
 def bn_relu(z, scale, shift):

@@ -31,6 +31,35 @@ Limitations:
 * CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` set before
   this module is imported; see ``kernels.enable_interpreter``). The interpreter is slow and its
   bfloat16 ``tl.dot`` is wrong, so bfloat16 dots are widened to float32 there.
+
+The registered ops (``torch.library``), which ``torch.compile``, ``torch.export`` and CUDA graphs see:
+
+* ``torch.ops.resnext_fused.grouped_conv_bn_relu``, the public op, which ``grouped_conv_bn_relu``
+  calls after its checks and autocast casts, with that function's arguments by the same names::
+
+      grouped_conv_bn_relu(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias,
+          Tensor(a!)? running_mean, Tensor(b!)? running_var, *, int stride=1, int padding=1,
+          int groups=1, float eps=1e-05, float momentum=0.1, bool training=False) -> Tensor
+
+  ``(a!)``/``(b!)``: the running statistics are updated in place (when training). Its kernels: the
+  computation (CompositeExplicitAutograd), a fake one (shapes and conv2d's strides, for tracing)
+  and an Autograd one. That one runs the op as it is when no gradient will be asked for (inference,
+  ``torch.no_grad``: z is never stored), else an autograd.Function over two internal ops:
+* ``resnext_fused::_grouped_conv_bn_relu_fwd`` (the same arguments, all positional) →
+  ``(y, z, stats)``: also what the backward reads, z = conv(x) and the (4, C_out) float32 rows
+  mean, invstd, scale, shift (one tensor: a custom op's outputs may not alias each other);
+* ``resnext_fused::_grouped_conv_bn_relu_bwd(dy, x, weight, z, stats, ...)`` → (dx, dweight, dγ, dβ).
+
+Why not one ``custom_op`` with ``register_autograd``: that refuses an op that mutates its inputs,
+and its ``setup_context`` may save only inputs and outputs, so z and the statistics have to be the
+outputs of some op that users of the public op never see. Hence a public op defined with
+``torch.library.Library`` whose Autograd kernel (the same pattern ``custom_op`` registers for its
+own ops) applies an autograd.Function over two ``custom_op``s. Not ``triton_op``: the launchers
+run host-side logic (autotuning, tile choice, weight packing) that Inductor cannot trace, and the
+op is opaque by design. Under ``torch.compile`` it is one node of the graph (no graph break) and
+Inductor compiles everything around it; ``torch.export`` of an eval-mode model keeps it as one
+node. Every op checks its inputs (the real and the fake implementations) and needs exact input
+strides (``needs_exact_strides``): the layouts it returns follow the layouts it is given.
 """
 
 import contextlib
@@ -112,6 +141,8 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
     if training and x.shape[0] * h_out * w_out == 1:
         raise ValueError(f"training BatchNorm needs more than 1 value per channel, got output "
                          f"{x.shape[0]}x{h_out}x{w_out} for x of shape {tuple(x.shape)}")
+    if (bn_tensors["running_mean"] is None) != (bn_tensors["running_var"] is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
 
 
 def suggest_memory_format(t):
@@ -179,89 +210,210 @@ def _on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-class _GroupedConvBNReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var,
-                stride, padding, groups, eps, momentum, training, needs_grad):
-        ho, wo = (_fwd.out_size(size, stride, padding) for size in x.shape[2:])
-        y_strides = _output_strides(x, weight, (x.shape[0], weight.shape[0], ho, wo))
-        ctx.conf = (stride, padding, groups, training, x.shape, _grad_strides(x))
-        if x.shape[0] == 0:  # an empty batch: an empty output and zero gradients, as in PyTorch
-            ctx.empty_batch = True
-            ctx.save_for_backward(x, weight)
-            return torch.empty_strided((0, weight.shape[0], ho, wo), y_strides, dtype=x.dtype,
-                                       device=x.device)
-        ctx.empty_batch = False
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        w = weight.contiguous()
-        if training:
-            stats_store = _fwd.STORE_Z if needs_grad else _fwd.STORE_NOTHING
-            z, stats = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=stats_store,
-                                         compute_stats=True)
-            count = x.shape[0] * _fwd.out_size(x.shape[2], stride, padding) * _fwd.out_size(
-                x.shape[3], stride, padding)
-            mean, invstd, scale, shift = _fwd.bn_stats(stats, count, bn_weight, bn_bias, running_mean,
-                                                       running_var, eps, momentum)
-        else:
-            # frozen statistics: fold them (a handful of per-channel float32 ops)
-            mean = running_mean
-            invstd = torch.rsqrt(running_var + eps)
-            scale = bn_weight * invstd
-            shift = bn_bias - mean * scale
-        if needs_grad:
-            if not training:
-                z, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_Z)
-            y = _fwd.bn_relu(z, scale, shift)
-            ctx.save_for_backward(x_cl, w, z, mean, invstd, scale, shift)
-        else:
-            y, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_BN_RELU,
-                                     scale=scale, shift=shift)
-        return _with_strides(y, y_strides)
+# ---------------------------------------------------------------------------------------------
+# What the ops compute: the launchers, in order (real tensors only)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        with _on_device(dy):
-            return _GroupedConvBNReLU._backward(ctx, dy)
 
-    @staticmethod
-    def _backward(ctx, dy):
-        stride, padding, groups, training, x_shape, dx_strides = ctx.conf
-        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        if ctx.empty_batch:  # every gradient is a sum over no pixels
-            x, w = ctx.saved_tensors
-            c_out = w.shape[0]
-            zeros = lambda: torch.zeros(c_out, device=w.device, dtype=torch.float32)  # noqa: E731
-            return (torch.empty_strided(x.shape, dx_strides, dtype=x.dtype, device=x.device) if need_x else None,
-                    torch.zeros_like(w) if need_w else None, zeros() if need_gamma else None,
-                    zeros() if need_beta else None, *[None] * 9)
-        x, w, z, mean, invstd, scale, shift = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=torch.channels_last)
-        if dy.dtype != z.dtype:
-            dy = dy.to(z.dtype)
-        sum_g, sum_gx = _bwd.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
-        if training:
-            count = z.shape[0] * z.shape[2] * z.shape[3]
-            k1 = -scale * invstd * sum_gx / count
-            k0 = -scale * sum_g / count - k1 * mean
-        else:
-            k1 = k0 = torch.zeros_like(scale)
-        coeffs = (scale, shift, k1, k0)
-        dx = dw = dz = None
-        if _bwd.MATERIALIZE_DZ and (need_x or need_w):
-            dz = _bwd.bn_relu_bwd(dy, z, coeffs)
+def _new_output(x, weight, stride, padding):
+    """An uninitialised y: (N, C_out, H_out, W_out) in x's dtype and conv2d's layout."""
+    ho, wo = (_fwd.out_size(size, stride, padding) for size in x.shape[2:])
+    shape = (x.shape[0], weight.shape[0], ho, wo)
+    return torch.empty_strided(shape, _output_strides(x, weight, shape), dtype=x.dtype, device=x.device)
+
+
+def _new_saved(y):
+    """Uninitialised tensors for what the backward reads: z (y's shape, channels-last) and the
+    (4, C_out) float32 rows mean, invstd, scale, shift."""
+    z = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    return z, torch.empty((4, y.shape[1]), dtype=torch.float32, device=y.device)
+
+
+def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
+             momentum, training, save):
+    """(y, z, stats): y, and when ``save`` what the backward reads (else None, None). Updates the
+    running statistics in place when ``training`` and they are given."""
+    _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                                  running_var=running_var), stride, padding, groups, eps, momentum, training)
+    n, c_out = x.shape[0], weight.shape[0]
+    ho, wo = (_fwd.out_size(size, stride, padding) for size in x.shape[2:])
+    y_strides = _output_strides(x, weight, (n, c_out, ho, wo))
+    if n == 0:  # an empty batch: an empty output and zero gradients, as in PyTorch
+        y = _new_output(x, weight, stride, padding)
+        z, stats = _new_saved(y) if save else (None, None)
+        return y, z, stats if stats is None else stats.zero_()
+    if bn_weight is None:
+        bn_weight = torch.ones(c_out, device=x.device, dtype=torch.float32)
+    if bn_bias is None:
+        bn_bias = torch.zeros(c_out, device=x.device, dtype=torch.float32)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w = weight.contiguous()
+    z = None
+    if training:
+        store = _fwd.STORE_Z if save else _fwd.STORE_NOTHING
+        z, partials = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=store, compute_stats=True)
+        mean, invstd, scale, shift = _fwd.bn_stats(partials, n * ho * wo, bn_weight, bn_bias, running_mean,
+                                                   running_var, eps, momentum)
+    else:
+        # frozen statistics: fold them (a handful of per-channel float32 ops)
+        mean = running_mean
+        invstd = torch.rsqrt(running_var + eps)
+        scale = bn_weight * invstd
+        shift = bn_bias - mean * scale
+    if not save:
+        y, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_BN_RELU,
+                                 scale=scale, shift=shift)
+        return _with_strides(y, y_strides), None, None
+    if z is None:
+        z, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_Z)
+    y = _fwd.bn_relu(z, scale, shift)
+    # one tensor, not four: a custom op's outputs may not alias each other (nor its inputs)
+    return _with_strides(y, y_strides), z, torch.stack((mean, invstd, scale, shift))
+
+
+def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_w):
+    """(dx, dweight, dγ, dβ); dx and dweight are empty (0,) tensors unless asked for."""
+    c_out = weight.shape[0]
+    dx_strides = _grad_strides(x)
+    dx, dw = x.new_empty(0), x.new_empty(0)  # distinct: a custom op's outputs may not alias
+    if x.shape[0] == 0:  # every gradient is a sum over no pixels
         if need_x:
-            dx = _with_strides(_bwd.conv_dx(dy, z, w, coeffs, x_shape, groups, stride, padding, dz=dz),
-                               dx_strides)
+            dx = torch.empty_strided(x.shape, dx_strides, dtype=x.dtype, device=x.device)
         if need_w:
-            dw = _bwd.conv_dw(x, dy, z, w, coeffs, groups, stride, padding, dz=dz)
-        # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
-        dgamma = sum_gx if need_gamma else None
-        dbeta = sum_g if need_beta else None
-        return dx, dw, dgamma, dbeta, None, None, None, None, None, None, None, None, None
+            dw = weight.new_zeros(weight.shape)
+        return dx, dw, stats.new_zeros(c_out), stats.new_zeros(c_out)
+    mean, invstd, scale, shift = stats.unbind()
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    if dy.dtype != z.dtype:
+        dy = dy.to(z.dtype)
+    sum_g, sum_gx = _bwd.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
+    if training:
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        k1 = -scale * invstd * sum_gx / count
+        k0 = -scale * sum_g / count - k1 * mean
+    else:
+        k1 = k0 = torch.zeros_like(scale)
+    coeffs = (scale, shift, k1, k0)
+    dz = _bwd.bn_relu_bwd(dy, z, coeffs) if _bwd.MATERIALIZE_DZ and (need_x or need_w) else None
+    if need_x:
+        dx = _with_strides(_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
+                           dx_strides)
+    if need_w:
+        dw = _bwd.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs, groups,
+                          stride, padding, dz=dz)
+    # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
+    return dx, dw, sum_gx, sum_g
 
 
-@torch.compiler.disable  # opaque to torch.compile: its graph breaks here and runs our kernels as they are
+# ---------------------------------------------------------------------------------------------
+# The registered ops (torch.library): schemas, fake implementations, autograd
+
+
+@torch.library.custom_op(
+    "resnext_fused::_grouped_conv_bn_relu_fwd", mutates_args=("running_mean", "running_var"),
+    schema="(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
+           "Tensor(b!)? running_var, int stride, int padding, int groups, float eps, float momentum, "
+           "bool training) -> (Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.needs_exact_strides,))
+def _fwd_op(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
+            momentum, training):
+    """(y, z, stats) for the backward; called by the public op's autograd kernel."""
+    with _on_device(x):
+        return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups,
+                        eps, momentum, training, save=True)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
+              momentum, training):
+    _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                                  running_var=running_var), stride, padding, groups, eps, momentum, training)
+    y = _new_output(x, weight, stride, padding)
+    return (y, *_new_saved(y))
+
+
+@torch.library.custom_op(
+    "resnext_fused::_grouped_conv_bn_relu_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor z, Tensor stats, int stride, int padding, "
+           "int groups, bool training, bool need_x, bool need_weight) -> (Tensor, Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.needs_exact_strides,))
+def _bwd_op(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight):
+    """(dx, dweight, dγ, dβ); no autograd formula of its own, so double backward raises."""
+    with _on_device(dy):
+        return _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight):
+    dx = x.new_empty_strided(x.shape, _grad_strides(x)) if need_x else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_weight else x.new_empty(0)
+    return dx, dw, stats.new_empty(weight.shape[0]), stats.new_empty(weight.shape[0])
+
+
+class _GroupedConvBNReLU(torch.autograd.Function):
+    """The public op's autograd: the forward op saves z and the statistics, the backward op reads them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
+                momentum, training):
+        y, z, stats = _fwd_op(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                              groups, eps, momentum, training)
+        ctx.save_for_backward(x, weight, z, stats)
+        ctx.conf = (stride, padding, groups, training)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z, stats = ctx.saved_tensors
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        dx, dw, dgamma, dbeta = _bwd_op(dy, x, weight, z, stats, *ctx.conf, need_x, need_w)
+        return (dx if need_x else None, dw if need_w else None, dgamma if need_gamma else None,
+                dbeta if need_beta else None, *[None] * 8)
+
+
+_LIB = torch.library.Library("resnext_fused", "FRAGMENT")  # noqa: TOR901  (see the module docstring)
+_LIB.define(
+    "grouped_conv_bn_relu(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+    "Tensor(a!)? running_mean, Tensor(b!)? running_var, *, int stride=1, int padding=1, int groups=1, "
+    "float eps=1e-05, float momentum=0.1, bool training=False) -> Tensor",
+    tags=(torch.Tag.pt2_compliant_tag, torch.Tag.needs_exact_strides))
+_OP = torch.ops.resnext_fused.grouped_conv_bn_relu.default
+
+
+def _op_impl(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, groups=1,
+             eps=1e-5, momentum=0.1, training=False):
+    if training and running_mean is not None:
+        # the kernels write the running statistics through pointers: bump their autograd versions,
+        # as the ADInplaceOrView kernel custom_op registers for _fwd_op does
+        torch.autograd.graph.increment_version([t for t in (running_mean, running_var) if not t.is_inference()])
+    with _on_device(x):
+        return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups,
+                        eps, momentum, training, save=False)[0]
+
+
+def _op_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, groups=1,
+             eps=1e-5, momentum=0.1, training=False):
+    _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                                  running_var=running_var), stride, padding, groups, eps, momentum, training)
+    return _new_output(x, weight, stride, padding)
+
+
+def _op_autograd(keyset, x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1,
+                 groups=1, eps=1e-5, momentum=0.1, training=False):
+    # z is stored only when a gradient will be asked for; this is the one place that knows
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias)):
+        return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                        padding, groups, eps, momentum, training)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, x, weight, bn_weight, bn_bias,
+                              running_mean, running_var, stride=stride, padding=padding, groups=groups,
+                              eps=eps, momentum=momentum, training=training)
+
+
+_LIB.impl("grouped_conv_bn_relu", _op_impl, "CompositeExplicitAutograd")
+_LIB.impl("grouped_conv_bn_relu", _op_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("resnext_fused::grouped_conv_bn_relu", _op_fake, lib=_LIB)
+
+
 def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
                          stride=1, padding=1, groups=1, eps=1e-5, momentum=0.1, training=False):
     """``relu(batch_norm(conv2d(x, weight, None, stride, padding, 1, groups), ...))``, fused.
@@ -288,19 +440,8 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
             weight = weight.to(dtype)
     bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
     _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training)
-    c_out = weight.shape[0]
-    if bn_weight is None:
-        bn_weight = torch.ones(c_out, device=x.device, dtype=torch.float32)
-    if bn_bias is None:
-        bn_bias = torch.zeros(c_out, device=x.device, dtype=torch.float32)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    # decided here: inside Function.forward grad mode is always off
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, weight, bn_weight, bn_bias))
-    with _on_device(x):
-        return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                        stride, padding, groups, eps, momentum, bool(training), needs_grad)
+    return _OP(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
+               groups=groups, eps=float(eps), momentum=float(momentum), training=bool(training))
 
 
 def _check_modules(conv, bn):
