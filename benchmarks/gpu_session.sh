@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh report                # merge the JSONs -> benchmarks/results/
 #   bash benchmarks/gpu_session.sh profile [STAGE] [STRIDE]   # ncu of the fused kernels, inference + train
 #   bash benchmarks/gpu_session.sh trainer               # the trainer: eager vs fused, --data, --compile
+#   bash benchmarks/gpu_session.sh host [STAGE]          # host (CPU) time per fused call vs cuDNN, + cProfile
 #   bash benchmarks/gpu_session.sh aot                   # the sm_90 compile report with this machine's triton
 #
 # Nothing installs on the GPU machine: it runs from the tree with PYTHONPATH=. Logs and raw JSON go
@@ -33,21 +34,34 @@ PY
 case "$step" in
   tests)
     versions | tee "$out/versions.txt"
-    python -m pytest -q -rs -x --durations=15 tests/ 2>&1 | tee "$out/tests.txt"
+    # every test, not -x: one GPU failure must not hide the next; -n compiles the kernels in parallel
+    { versions; timeout -s INT "${TESTS_TIMEOUT:-560}" python -m pytest -q -rs -n "${WORKERS:-12}" --durations=25 tests/; } \
+      > "$out/tests.txt" 2>&1
+    tail -40 "$out/tests.txt"
     ;;
   blocks)
     versions
     # one JSON per -k selection (blocks-<selection>.json), so that split runs do not overwrite
     # each other; the report step merges every blocks*.json
     tag=$(printf '%s' "${1:-all}" | tr -c 'A-Za-z0-9' '_')
-    timeout 560 python -m pytest benchmarks/test_block_bench.py --benchmark-only -q \
+    # SIGINT, not SIGTERM, at the limit: pytest-benchmark still writes the JSON of what finished
+    timeout -s INT "${BENCH_TIMEOUT:-560}" python -m pytest benchmarks/test_block_bench.py --benchmark-only -q \
       --bench-dtypes "${BENCH_DTYPES:-bfloat16}" -k "${1:-}" \
-      --benchmark-json="$out/blocks-$tag.json" 2>&1 | tail -40
+      --benchmark-json="$out/blocks-$tag.json" > "$out/blocks-$tag.log" 2>&1
+    tail -40 "$out/blocks-$tag.log"
     ;;
   models)
     versions
-    timeout 560 python -m pytest benchmarks/test_model_bench.py --benchmark-only -q \
-      --benchmark-json="$out/models.json" 2>&1 | tail -40
+    timeout -s INT "${BENCH_TIMEOUT:-560}" python -m pytest benchmarks/test_model_bench.py --benchmark-only -q \
+      -k "${1:-}" --benchmark-json="$out/models.json" > "$out/models.log" 2>&1
+    tail -40 "$out/models.log"
+    ;;
+  host)  # where the GPU idles at the small stages: CPU time per call, and a cProfile of the fused call
+    versions
+    for stage in ${1:-3 2 1}; do
+      timeout 170 python -m benchmarks.host_overhead --stage "$stage" --prof "$out/host-stage$stage.prof.txt" \
+        2>&1 | tee "$out/host-stage$stage.txt"
+    done
     ;;
   patch)  # torchvision's resnext50_32x4d, unpatched vs resnext.fuse_kernels(model)
     versions

@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.shapes import MODES, throughput
+from benchmarks.shapes import ARCHS, MODES, block_shapes, throughput
 
 BLOCK_KEYS = ("op", "arch", "stage", "shape", "groups", "stride", "dtype", "mode", "provider",
               "median_ms", "tflops", "gbps", "roofline")
@@ -230,6 +230,28 @@ def kernel_lines(recs) -> list[str]:
     return lines
 
 
+def missing_cases(recs) -> list[str]:
+    """The cases the GPU issue asks for that ``recs`` lacks, one line per (arch, provider, mode)
+    with the blocks missing: bfloat16 blocks of every ARCHS shape, all modes, fused and cudnn
+    (and compile for GOAL_ARCH), and GOAL_ARCH's model benchmarks."""
+    have = {(r["arch"], r["stage"], r["stride"], r["dtype"], r["mode"], r["provider"])
+            for r in recs if r["op"] == "block"}
+    lines = []
+    for arch in ARCHS:
+        for provider in ("fused", "cudnn") + (("compile",) if arch == GOAL_ARCH else ()):
+            for mode in MODES:
+                gone = [s.label for s in block_shapes(arch)
+                        if (arch, s.stage, s.stride, GOAL_DTYPE, mode, provider) not in have]
+                if gone:
+                    lines.append(f"- blocks {arch} {GOAL_DTYPE} {mode} `{provider}`: {', '.join(gone)}")
+    models = {(r["arch"], r["mode"], r["provider"]) for r in recs if r["op"] == "model"}
+    for mode in MODEL_GOALS:
+        gone = [p for p in PROVIDERS if (GOAL_ARCH, mode, p) not in models]
+        if gone:
+            lines.append(f"- model {GOAL_ARCH} {mode}: {', '.join(f'`{p}`' for p in gone)}")
+    return lines
+
+
 def _fmt(v, spec=".2f", suffix=""):
     return "—" if v is None else f"{v:{spec}}{suffix}"
 
@@ -270,6 +292,12 @@ def markdown(result: dict, copy_gbps: float | None = None) -> str:
                          f"{_fmt(speedup(row, 'compile'), '.2f', 'x')} |")
 
     lines += kernel_lines(recs)
+
+    gone = missing_cases(recs)
+    if gone:
+        lines += ["", "## Cases not measured", "",
+                  "Asked for by the GPU issue but not in these results (a run cut off by its time limit, "
+                  "or not run yet):", "", *gone]
 
     models = model_table(recs)
     if models:

@@ -13,7 +13,7 @@ import torch
 
 import kernels
 from benchmarks import report
-from benchmarks.shapes import ARCHS, BlockShape, block_shapes, conv_flops, min_bytes, throughput
+from benchmarks.shapes import ARCHS, MODES, BlockShape, block_shapes, conv_flops, min_bytes, throughput
 from kernels.reference import ConvBNReLU
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def bench_json(tmp_path_factory):
     (d / "cases.json").write_text(json.dumps(cases))
     (d / "test_fake.py").write_text(FAKE_BENCH)
     (d / "pytest.ini").write_text("[pytest]\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fake.py",
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "test_fake.py",
                           "--benchmark-json=out.json"], cwd=d, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads((d / "out.json").read_text())
@@ -413,3 +413,26 @@ def test_skip_summary_line():
     assert skip_summary(12, 12, "why") == "resnext-fused benchmarks: all 12 cases skipped: why"
     assert skip_summary(3, 12, "why") == "resnext-fused benchmarks: 3 of 12 cases skipped: why"
     assert skip_summary(0, 12, "why") is None  # nothing skipped for lack of a GPU: no line
+
+
+def test_report_lists_cases_not_measured(written):
+    """The .md names every case the GPU issue asks for that the JSONs lack (a part cut off by its
+    time limit shows), and none that is there."""
+    text = written["md"].read_text()
+    section = text[text.index("## Cases not measured"):text.index("## Models")]
+    # the fake measured stage1 and stage2/s2 of resnext50_32x4d, inference and train_fwd_bwd, all providers
+    assert "- blocks resnext50_32x4d bfloat16 inference `fused`: stage2, stage3/s2, stage3, stage4/s2, stage4\n" in section
+    assert ("- blocks resnext50_32x4d bfloat16 train_fwd `compile`: stage1, stage2/s2, stage2, stage3/s2, stage3, "
+            "stage4/s2, stage4\n") in section
+    assert "- blocks resnext101_32x8d bfloat16 train_fwd_bwd `cudnn`: stage1," in section
+    assert "resnext101_32x8d bfloat16 inference `compile`" not in section  # compile: resnext50_32x4d only
+    assert "- model" not in section  # both model modes, every provider
+
+
+def test_report_lists_nothing_when_complete():
+    recs = [dict(op="block", arch=s.arch, stage=s.stage, stride=s.stride, dtype="bfloat16", mode=mode, provider=p)
+            for s in block_shapes() for mode in MODES for p in ("fused", "cudnn", "compile")]
+    recs += [dict(op="model", arch="resnext50_32x4d", mode=mode, provider=p)
+             for mode in ("inference", "train") for p in ("fused", "cudnn", "compile")]
+    assert report.missing_cases(recs) == []
+    assert report.missing_cases(recs[1:]) == ["- blocks resnext50_32x4d bfloat16 inference `fused`: stage1"]
