@@ -65,6 +65,7 @@ strides (``needs_exact_strides``): the layouts it returns follow the layouts it 
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from . import _bwd, _fwd
@@ -75,7 +76,7 @@ __all__ = ["grouped_conv_bn_relu", "grouped_conv_bn_relu_modules", "GroupedConvB
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum, training):
+def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum, training, single_value_ok=False):
     """Raise ValueError/TypeError naming the argument for anything the kernels do not compute."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("x and weight must be torch.Tensor")
@@ -138,7 +139,7 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
         raise ValueError(f"x must be a CUDA tensor (or CPU under the interpreter), got device {x.device}")
     if not training and (bn_tensors["running_mean"] is None or bn_tensors["running_var"] is None):
         raise ValueError("running_mean and running_var are required when training=False")
-    if training and x.shape[0] * h_out * w_out == 1:
+    if training and not single_value_ok and x.shape[0] * h_out * w_out == 1:
         raise ValueError(f"training BatchNorm needs more than 1 value per channel, got output "
                          f"{x.shape[0]}x{h_out}x{w_out} for x of shape {tuple(x.shape)}")
     if (bn_tensors["running_mean"] is None) != (bn_tensors["running_var"] is None):
@@ -445,9 +446,9 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
 
 
 def _check_modules(conv, bn):
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"expected an nn.Conv2d and an nn.BatchNorm2d, got {type(conv).__name__} "
-                        f"and {type(bn).__name__}")
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        raise TypeError(f"expected an nn.Conv2d and an nn.BatchNorm2d or nn.SyncBatchNorm, got "
+                        f"{type(conv).__name__} and {type(bn).__name__}")
     if conv.bias is not None:
         raise ValueError("conv must have bias=False (the BatchNorm that follows makes it redundant)")
     if conv.kernel_size != (3, 3) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
@@ -461,11 +462,43 @@ def _check_modules(conv, bn):
         raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels ({conv.out_channels})")
 
 
+def _sync_group(bn):
+    """The process group whose global batch a SyncBatchNorm normalises over, or None where
+    ``nn.SyncBatchNorm`` would not sync (eval mode, no process group, a group of one)."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _sync_call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps, momentum,
+               group):
+    """The training-mode op over a process group (``kernels/_sync_bn.py``), checked and autocast as
+    ``grouped_conv_bn_relu`` is."""
+    from ._sync_bn import sync_grouped_conv_bn_relu
+
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
+    # one value per channel on this rank is fine: the statistics are over every rank's pixels
+    _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training=True, single_value_ok=True)
+    return sync_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                                     padding=padding, groups=groups, eps=float(eps), momentum=float(momentum),
+                                     group=group)
+
+
 def grouped_conv_bn_relu_modules(x, conv, bn):
-    """Run an existing ``nn.Conv2d`` → ``nn.BatchNorm2d`` → ReLU through the fused kernels.
+    """Run an existing ``nn.Conv2d`` → ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) → ReLU through
+    the fused kernels.
 
     Does nn.BatchNorm2d's bookkeeping too: ``bn.training``, ``num_batches_tracked``, momentum=None
-    (cumulative moving average) and ``track_running_stats=False`` behave as in PyTorch.
+    (cumulative moving average) and ``track_running_stats=False`` behave as in PyTorch. An
+    ``nn.SyncBatchNorm`` in training mode inside an initialised process group of more than one
+    rank normalises with the statistics of the global batch (``kernels/_sync_bn.py``; on CUDA with
+    NCCL, and on CPU with gloo); otherwise it behaves as nn.BatchNorm2d, as PyTorch's does.
     """
     _check_modules(conv, bn)
     momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -478,6 +511,10 @@ def grouped_conv_bn_relu_modules(x, conv, bn):
     keep = not bn.training or bn.track_running_stats
     running_mean = bn.running_mean if keep else None
     running_var = bn.running_var if keep else None
+    group = _sync_group(bn)
+    if group is not None:
+        return _sync_call(x, conv.weight, bn.weight, bn.bias, running_mean, running_var, conv.stride[0],
+                          conv.padding[0], conv.groups, bn.eps, momentum, group)
     return grouped_conv_bn_relu(
         x, conv.weight, bn.weight, bn.bias, running_mean, running_var,
         stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups, eps=bn.eps,

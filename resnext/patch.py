@@ -24,8 +24,10 @@ Recognised blocks (by class module and name, so neither library is imported here
 
 A block is fused only when the op computes it exactly (:func:`unfusable_reason` says why not):
 conv2 a bias-free ``nn.Conv2d`` 3x3, dilation 1, stride 1 or 2, equal zero padding in [0, 2]
-(groups 1 too: ResNet-50's blocks fuse like ResNeXt's); bn2 an ``nn.BatchNorm2d`` or torchvision's
-``FrozenBatchNorm2d`` (detection backbones; eps > 0), neither subclassed with another forward;
+(groups 1 too: ResNet-50's blocks fuse like ResNeXt's); bn2 an ``nn.BatchNorm2d``, an
+``nn.SyncBatchNorm`` (after ``convert_sync_batchnorm``: global-batch statistics in a process group)
+or torchvision's ``FrozenBatchNorm2d`` (detection backbones; eps > 0), none subclassed with another
+forward;
 the activation after it ``nn.ReLU``; in timm, ``drop_block`` off (``nn.Identity`` or ``None``).
 timm's ``aa`` (BlurPool, after the activation), ``se`` and ``drop_path`` are outside the fused
 part and run as they are. Forward hooks on ``conv2``/``bn2`` no longer fire (those modules are not
@@ -148,11 +150,11 @@ def _bn_reason(bn: nn.Module, conv: nn.Conv2d) -> Optional[str]:
         if not bn.eps > 0:
             return f"bn2 is a FrozenBatchNorm2d with eps={bn.eps} (the op needs eps > 0)"
         channels = bn.weight.numel()
-    elif _same_forward(bn, nn.BatchNorm2d):
+    elif _same_forward(bn, nn.BatchNorm2d) or _same_forward(bn, nn.SyncBatchNorm):
         channels = bn.num_features
     else:
-        return (f"bn2 is {type(bn).__module__}.{type(bn).__name__}, not an nn.BatchNorm2d or "
-                "torchvision's FrozenBatchNorm2d")
+        return (f"bn2 is {type(bn).__module__}.{type(bn).__name__}, not an nn.BatchNorm2d, an "
+                "nn.SyncBatchNorm or torchvision's FrozenBatchNorm2d")
     if channels != conv.out_channels:
         return f"bn2 has {channels} channels but conv2 has {conv.out_channels}"
     return None

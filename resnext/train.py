@@ -91,6 +91,7 @@ class TrainConfig:
     fused_kernels: bool = False         # grouped conv + BN + ReLU as one Triton kernel
     channels_last: bool = False         # NHWC activations and weights
     compile: bool = False               # torch.compile the model
+    sync_bn: bool = False               # SyncBatchNorm: BN statistics of the global batch (torchrun)
     # optimisation (torch's optimizers and schedulers; the schedule steps every iteration)
     opt: Optional[str] = None           # "sgd" (with momentum) | "adamw"
     epochs: Optional[int] = None        # total epochs
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         "interpreter", action=on_off)
     add("--channels-last", "NHWC activations and weights", action=on_off)
     add("--compile", "torch.compile the model", action=on_off)
+    add("--sync-bn", "BatchNorm statistics over the global batch of every process (nn.SyncBatchNorm; "
+        "under torchrun on GPUs); a single process trains as without it", action=on_off)
     add("--opt", "sgd (with --momentum) or adamw", type=_one_of("sgd", "adamw"), metavar="{sgd,adamw}")
     add("--epochs", "total epochs", type=int, metavar="N")
     add("--batch-size", "images per step per process; the global batch is this x the number of processes",
@@ -348,6 +351,11 @@ def build_model(cfg: TrainConfig, num_classes: int, rt: Runtime) -> nn.Module:
         model = resnext.create_model(cfg.arch, num_classes=num_classes, fused_kernels=cfg.fused_kernels)
     except ImportError as e:
         raise TrainError(f"--fused-kernels: the fused kernels cannot be imported ({e})") from None
+    if cfg.sync_bn:
+        if rt.distributed and rt.device.type != "cuda":
+            raise TrainError("--sync-bn needs one GPU per process: PyTorch's SyncBatchNorm, which the "
+                             "BatchNorms outside the fused blocks use, refuses CPU tensors")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the fused op syncs bn2 itself
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

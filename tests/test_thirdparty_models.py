@@ -562,6 +562,30 @@ def test_stand_ins_patched_match_unpatched(train, device):
     assert not any("forward" in vars(b) for b in model[:2]) and not model[2].fused_kernels
 
 
+def test_sync_batchnorm_models_are_fused(device):
+    """After ``nn.SyncBatchNorm.convert_sync_batchnorm`` every block still fuses (bn2 is a
+    SyncBatchNorm) and, outside a process group, computes what the patched BatchNorm2d model does,
+    bit for bit, in training mode (tests/test_sync_bn.py checks the synced statistics)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(_TvBottleneck(stride=2), _TimmBottleneck(),
+                        resnext.Bottleneck(16, 4, groups=4, width_per_group=32))
+    ref = _randomize_bn(ref, torch.Generator().manual_seed(0)).to(device).train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
+    assert all(isinstance(b.bn2, nn.SyncBatchNorm) for b in synced)
+    resnext.fuse_kernels(synced)
+    resnext.fuse_kernels(ref)
+    assert all(patch.is_patched(b) for b in synced[:2]) and synced[2].fused_kernels
+    x = torch.randn(2, 16, 8, 8, device=device)
+    head = torch.randn(2, 16, 4, 4, device=device)
+    out_ref, dx_ref, _ = _run(ref, x, head)
+    out, dx, _ = _run(synced, x, head)
+    assert torch.equal(out, out_ref) and torch.equal(dx, dx_ref)
+    for (n, p), q in zip(synced.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    for (n, b), c in zip(synced.named_buffers(), ref.buffers()):
+        assert torch.equal(b, c), n
+
+
 def test_ddp_runs_the_patched_forward(tmp_path, device):
     """DistributedDataParallel calls ``module(...)``, so the instance's forward; one gloo process."""
     import torch.distributed as dist

@@ -112,6 +112,32 @@ def test_fused_kernels_run_matches_eager(tmp_path, capsys):
     assert load(tmp_path / "fused" / "last.pt")["config"]["fused_kernels"] is True
 
 
+@pytest.mark.slow
+def test_compile_with_fused_kernels(tmp_path, capsys):
+    """``--compile --fused-kernels``: the fused model compiles with no graph break (the fused op is
+    one node of the graph) and trains and evaluates as the eager fused run does."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # torch 2.13's CPU Inductor miscomputes some conv weight gradients with layout optimization
+    # on, the unfused model's too (tests/test_compile_export.py); the GPU is unaffected
+    with torch._inductor.config.patch(layout_optimization=False):
+        rc, out, err = run(SYNTHETIC + ["--fused-kernels", "--compile", "--out", tmp_path / "compiled"], capsys)
+    assert rc == 0, err
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    rc, out, err = run(SYNTHETIC + ["--fused-kernels", "--out", tmp_path / "eager"], capsys)
+    assert rc == 0, err
+    compiled, eager = metrics(tmp_path / "compiled")[0], metrics(tmp_path / "eager")[0]
+    # the same kernels; Inductor reorders the sums of the ops around them (~1e-6 relative)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    ckpt_compiled, ckpt_eager = load(tmp_path / "compiled" / "last.pt"), load(tmp_path / "eager" / "last.pt")
+    assert ckpt_compiled["config"]["compile"] is True
+    assert ckpt_compiled["model"].keys() == ckpt_eager["model"].keys()  # no "_orig_mod." prefix
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume equals uninterrupted training
 
@@ -372,6 +398,31 @@ def test_bad_out_fails_before_any_work(out, make, problem, tmp_path, capsys, mon
     assert err.strip() == f"error: --out {out}: {problem.format(tmp=tmp_path)}"
     assert (tmp_path / "file").read_text() == "keep me"
     assert not out.is_file() or out.read_text() == "results"
+
+
+@pytest.mark.slow
+def test_torchrun_sync_bn_on_cpu_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "resnext.train", *SYNTHETIC, "--sync-bn", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "error: --sync-bn needs one GPU per process" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: --sync-bn")[0][-2000:]
+
+
+def test_sync_bn_in_one_process_trains_as_batch_norm(tmp_path, capsys):
+    """--sync-bn converts every BatchNorm to nn.SyncBatchNorm, which in a single process (no process
+    group) is BatchNorm2d: the same losses, and a checkpoint with the same keys."""
+    rc, _, err = run(SYNTHETIC + ["--sync-bn", "--out", tmp_path / "sync"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(SYNTHETIC + ["--out", tmp_path / "plain"], capsys)
+    assert rc == 0, err
+    assert metrics(tmp_path / "sync")[0]["train_loss"] == metrics(tmp_path / "plain")[0]["train_loss"]
+    sync, plain = load(tmp_path / "sync" / "last.pt"), load(tmp_path / "plain" / "last.pt")
+    assert sync["config"]["sync_bn"] is True
+    assert_same_tensors(sync["model"], plain["model"], "--sync-bn vs without")
 
 
 # ---------------------------------------------------------------------------------------------
