@@ -182,10 +182,11 @@ def _bwd_dx_kernel(
 
 
 @triton.jit
-def _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh, offs_ci, mask_ci, H, W, C_in,
-                  STRIDE: tl.constexpr, PAD: tl.constexpr):
+def _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh, offs_ci, mask_ci, H, W, C_in, in_scale, in_shift,
+                  STRIDE: tl.constexpr, PAD: tl.constexpr, PROLOGUE: tl.constexpr):
     """The three taps (kh, 0..2) of x at BLOCK_K output pixels, as one (4·BLOCK_CI, BLOCK_K) dot
-    operand: rows [kw·BLOCK_CI, (kw+1)·BLOCK_CI) hold tap (kh, kw); kw = 3 is zero padding."""
+    operand: rows [kw·BLOCK_CI, (kw+1)·BLOCK_CI) hold tap (kh, kw); kw = 3 is zero padding.
+    With PROLOGUE, of relu(x·in_scale + in_shift), zero outside the image (padding after it)."""
     kw = tl.arange(0, 4)
     hi = ho * STRIDE - PAD + kh
     wi = wo[:, None] * STRIDE - PAD + kw[None, :]  # (BLOCK_K, 4)
@@ -194,6 +195,10 @@ def _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh, offs_ci, mask_ci, H, W, C_in,
     # ".ca": the three kw-shifted copies, and the rows neighbouring pixel blocks share, hit L1
     a = tl.load(x_ptr + pix[:, :, None] + offs_ci[None, None, :],
                 mask=inside[:, :, None] & mask_ci[None, None, :], other=0.0, cache_modifier=".ca")
+    if PROLOGUE:
+        a = tl.where(inside[:, :, None] & mask_ci[None, None, :],
+                     tl.maximum(a.to(tl.float32) * in_scale[None, None, :] + in_shift[None, None, :], 0.0),
+                     0.0).to(x_ptr.dtype.element_ty)
     return tl.trans(tl.reshape(a, (a.shape[0], 4 * a.shape[2])))
 
 
@@ -214,7 +219,7 @@ def _store_dw_row(dw_part_ptr, acc, pid_s, kh, offs_co, mask_co, offs_ci, mask_c
 
 @autotune(configs=wgrad_configs(), prune_configs_by={"early_config_prune": prune_wgrad_configs},
            key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "DZ_IN_MEMORY",
-                "PRECISION"])
+                "PROLOGUE", "PRECISION"])
 @triton.jit
 def _bwd_dw_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
@@ -222,6 +227,7 @@ def _bwd_dw_kernel(
     dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dw_part_ptr,  # (S, C_out, CIN_G, 9) float32 partials, one slice per pixel split
+    in_scale_ptr, in_shift_ptr,  # (C_in,) float32, read when PROLOGUE
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
     CI_CHUNKS: tl.constexpr,  # BLOCK_CI chunks of the widest tile's input channels
     ROWS_PER_SPLIT,  # a multiple of BLOCK_K
@@ -231,6 +237,7 @@ def _bwd_dw_kernel(
     BLOCK_K: tl.constexpr,  # pixels per dot: fixed (WGRAD_BLOCK_K), so the sums' order is too
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     KH_ROWS: tl.constexpr,  # kernel rows per program: 3 (all nine taps) or 1
+    PROLOGUE: tl.constexpr,  # the conv read relu(x·in_scale + in_shift): recompute it as x is loaded
     DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: split s of the output pixels, BLOCK_CO output channels × one BLOCK_CI chunk of
@@ -256,6 +263,11 @@ def _bwd_dw_kernel(
     shift = tl.load(shift_ptr + offs_co, mask=mask_co, other=0.0)
     k1 = tl.load(k1_ptr + offs_co, mask=mask_co, other=0.0)
     k0 = tl.load(k0_ptr + offs_co, mask=mask_co, other=0.0)
+    in_scale = scale  # placeholders, unused without PROLOGUE
+    in_shift = shift
+    if PROLOGUE:
+        in_scale = tl.load(in_scale_ptr + offs_ci, mask=mask_ci, other=0.0)
+        in_shift = tl.load(in_shift_ptr + offs_ci, mask=mask_ci, other=0.0)
 
     M = N * Ho * Wo
     row_start = pid_s * ROWS_PER_SPLIT
@@ -271,12 +283,15 @@ def _bwd_dw_kernel(
         dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, mask_m[:, None] & mask_co[None, :], scale, shift,
                       k1, k0, DZ_IN_MEMORY, "")
         dz = dz.to(x_ptr.dtype.element_ty)
-        a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh0, offs_ci, mask_ci, H, W, C_in, STRIDE, PAD)
+        a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh0, offs_ci, mask_ci, H, W, C_in, in_scale,
+                              in_shift, STRIDE, PAD, PROLOGUE)
         acc0 = dot_acc(a, dz, acc0, UPCAST, PRECISION)
         if KH_ROWS == 3:
-            a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, 1, offs_ci, mask_ci, H, W, C_in, STRIDE, PAD)
+            a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, 1, offs_ci, mask_ci, H, W, C_in, in_scale,
+                              in_shift, STRIDE, PAD, PROLOGUE)
             acc1 = dot_acc(a, dz, acc1, UPCAST, PRECISION)
-            a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, 2, offs_ci, mask_ci, H, W, C_in, STRIDE, PAD)
+            a = _x_row_taps_t(x_ptr, n, ho, wo, mask_m, 2, offs_ci, mask_ci, H, W, C_in, in_scale,
+                              in_shift, STRIDE, PAD, PROLOGUE)
             acc2 = dot_acc(a, dz, acc2, UPCAST, PRECISION)
 
     _store_dw_row(dw_part_ptr, acc0, pid_s, kh0, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G)
@@ -344,9 +359,14 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, co
     return dx
 
 
-def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None):
+def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None, in_scale=None,
+            in_shift=None):
     """dw (weight's shape and dtype) of the grouped conv; dz read from ``dz`` when given, else
-    rebuilt from (dy, z). Float32 partials per pixel split, summed in a fixed order."""
+    rebuilt from (dy, z). Float32 partials per pixel split, summed in a fixed order. With
+    ``in_scale``/``in_shift`` the conv's input was relu(x·in_scale + in_shift) (the fused
+    bottleneck's prologue, zero-padded after the transform), recomputed as x is loaded."""
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must both be given or both be None")
     n, c_in, h, w = x.shape
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
@@ -363,8 +383,10 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
     launch(
         _bwd_dw_kernel, (splits * co_tiles * ci_chunks * (3 // kh_rows),), config,
         x, dy, z, dz if dz is not None else dy, *coeffs, dw_part,
+        in_scale if in_scale is not None else coeffs[0], in_shift if in_shift is not None else coeffs[0],
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, ci_chunks, rows, stride, padding, shape_bucket(n),
         BLOCK_K=WGRAD_BLOCK_K, BLOCK_CO=block_co, BLOCK_CI=block_ci, KH_ROWS=kh_rows,
+        PROLOGUE=in_scale is not None,
         DZ_IN_MEMORY=dz is not None, EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
         **dot_options(x.dtype),
     )

@@ -27,7 +27,7 @@ STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
 @autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
            key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "STORE",
-                "COMPUTE_STATS", "PRECISION"])
+                "COMPUTE_STATS", "PROLOGUE", "PRECISION"])
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
@@ -35,12 +35,14 @@ def _fwd_kernel(
     scale_ptr, shift_ptr,  # (C_out,) float32, read when STORE == STORE_BN_RELU
     y_ptr,  # (N, Ho, Wo, C_out) channels-last: z or relu(z·scale + shift)
     mean_part_ptr, m2_part_ptr,  # (⌈M / STATS_ROWS⌉, C_out) float32 per-chunk statistics of z
+    in_scale_ptr, in_shift_ptr,  # (C_in,) float32, read when PROLOGUE
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
     CI_CHUNKS: tl.constexpr,  # BLOCK_CI chunks of the widest tile's input channels (1 for ResNeXt)
     STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
     N_BUCKET,  # autotune key only
     # meta-parameters
     STORE: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+    PROLOGUE: tl.constexpr,  # convolve relu(x·in_scale + in_shift) (the previous BN + ReLU), padded after
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -65,6 +67,9 @@ def _fwd_kernel(
     for ci_start in range(ci_lo, ci_hi, BLOCK_CI):
         offs_ci = aligned(ci_start + tl.arange(0, BLOCK_CI), BLOCK_CI, EVEN_GROUPS)
         mask_ci = (offs_ci < ci_hi) | EVEN_GROUPS
+        if PROLOGUE:
+            in_scale = tl.load(in_scale_ptr + offs_ci, mask=mask_ci, other=0.0)
+            in_shift = tl.load(in_shift_ptr + offs_ci, mask=mask_ci, other=0.0)
         w_chunk = w_ptr + ((pid_co * CI_CHUNKS + (ci_start - ci_lo) // BLOCK_CI) * 9) * BLOCK_CI * BLOCK_CO
         # taps as a runtime loop, the one the compiler pipelines: it then buffers one x tile and
         # one w tile per stage (nine unrolled taps took nine each, past H100's shared memory
@@ -77,6 +82,11 @@ def _fwd_kernel(
             # ".ca": keep the taps' overlapping windows in L1 (triton 3.9; 3.6 ignores it)
             a = tl.load(x_ptr + pix[:, None] + offs_ci[None, :],
                         mask=inside[:, None] & mask_ci[None, :], other=0.0, cache_modifier=".ca")
+            if PROLOGUE:
+                # the zero padding pads the activation relu(x·s + t), not x: re-zero outside
+                a = tl.where(inside[:, None] & mask_ci[None, :],
+                             tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0),
+                             0.0).to(x_ptr.dtype.element_ty)
             b = tl.load(w_chunk + tap * BLOCK_CI * BLOCK_CO + w_tile)  # dense, zeros off the diagonal
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
 
@@ -127,12 +137,17 @@ def out_size(size, stride, padding):
 
 
 def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift=None,
-                 compute_stats=False, config=None):
+                 compute_stats=False, in_scale=None, in_shift=None, config=None):
     """Launch ``_fwd_kernel`` on channels-last ``x``; returns (out or None, stats partials or None).
 
     ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype; the partials are what
-    ``kernels._stats.bn_stats`` merges. ``config`` forces one autotune config instead of tuning.
+    ``kernels._stats.bn_stats`` merges. With ``in_scale``/``in_shift`` ((C_in,) float32) the conv
+    reads relu(x·in_scale + in_shift) — the previous layer's BatchNorm + ReLU, applied as x is
+    loaded (the fused bottleneck) — zero-padded after that transform, as conv2d pads its input.
+    ``config`` forces one autotune config instead of tuning.
     """
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must both be given or both be None")
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     ho, wo = out_size(h, stride, padding), out_size(w, stride, padding)
@@ -152,8 +167,9 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
         _fwd_kernel, grid, config,
         x, packed, scale if scale is not None else dummy, shift if shift is not None else dummy,
         out if out is not None else dummy, mean_part, m2_part,
+        in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, ci_chunks, stride, padding, shape_bucket(n),
-        STORE=store, COMPUTE_STATS=compute_stats, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        STORE=store, COMPUTE_STATS=compute_stats, PROLOGUE=in_scale is not None, BLOCK_CO=block_co, BLOCK_CI=block_ci,
         EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci), **dot_options(x.dtype),
     )
     return out, stats

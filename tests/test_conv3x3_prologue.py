@@ -1,0 +1,97 @@
+"""The grouped 3x3 conv with the fused bottleneck's prologue: the conv reads relu(x·s + t) — the
+previous layer's BatchNorm + ReLU, folded into per-channel s, t and applied as x is loaded — and
+its zero padding pads that activation, not x (with t > 0, padding x first would add relu(t) at the
+borders). Forward (z and its statistics) and the weight gradient, which recomputes the activation
+on load, against PyTorch in float64 on the materialised activation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _helpers import DTYPES, TOL, assert_close
+from kernels import _bwd, _fwd, _stats
+from kernels._conv_tiles import conv_configs, wgrad_configs
+
+# (n, c_in, c_out, groups, h, w, stride): narrow groups (several per tile), wide groups, stride 2 on
+# odd sizes, channel counts off the tiles
+SHAPES = [
+    pytest.param((2, 16, 16, 4, 7, 6, 1), id="4-per-group"),
+    pytest.param((2, 32, 32, 1, 5, 5, 1), id="one-group-32"),
+    pytest.param((3, 24, 40, 8, 7, 9, 2), id="stride2-odd"),
+]
+
+
+def _problem(shape, dtype, seed=0):
+    n, c_in, c_out, groups, h, w, stride = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in // groups, 3, 3, generator=g) / (9 * c_in / groups) ** 0.5).to(dtype)
+    s = torch.rand(c_in, generator=g) + 0.5
+    s[::5] *= -1  # γ of either sign
+    t = torch.rand(c_in, generator=g) * 0.8 + 0.1  # positive: padding before the transform would show
+    return x, weight, s, t, groups, stride
+
+
+def _activation(x, s, t):
+    return torch.relu(x.double() * s.double()[None, :, None, None] + t.double()[None, :, None, None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_reads_the_activation_padded_after_the_transform(shape, dtype):
+    x, weight, s, t, groups, stride = _problem(shape, dtype)
+    z, parts = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z, compute_stats=True,
+                                 in_scale=s, in_shift=t)
+    ref = F.conv2d(_activation(x, s, t), weight.double(), None, stride, 1, 1, groups)
+    assert_close(z, ref, dtype, "z")
+    # the statistics are of z as stored, like the forward without a prologue
+    mean, m2 = _stats.local_stats(parts, z.shape[0] * z.shape[2] * z.shape[3])
+    zs = z.double()
+    torch.testing.assert_close(mean.double(), zs.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m2.double(), ((zs - zs.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3)),
+                               atol=1e-4, rtol=1e-4)
+    # and a padding applied before the transform would differ: the test can see it
+    wrong = F.conv2d(_activation(F.pad(x.double(), (1, 1, 1, 1)), s, t), weight.double(), None, stride, 0, 1,
+                     groups)
+    assert (wrong - ref).abs().max() > 10 * TOL[dtype]["atol"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_weight_gradient_recomputes_the_activation(shape, dtype):
+    x, weight, s, t, groups, stride = _problem(shape, dtype)
+    z = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z, in_scale=s, in_shift=t)[0]
+    g = torch.Generator().manual_seed(1)
+    c_out = weight.shape[0]
+    dy = torch.randn(z.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(c_out, generator=g) + 0.5, torch.randn(c_out, generator=g) * 0.2
+    k1, k0 = torch.randn(c_out, generator=g) * 0.1, torch.randn(c_out, generator=g) * 0.1
+    dw = _bwd.conv_dw(x, dy, z, weight, (scale, shift, k1, k0), groups, stride, 1, in_scale=s, in_shift=t)
+    zd = z.double()
+    gate = (zd * scale.double()[None, :, None, None] + shift.double()[None, :, None, None]) > 0
+    dz = (torch.where(gate, dy.double(), 0.0) * scale.double()[None, :, None, None]
+          + zd * k1.double()[None, :, None, None] + k0.double()[None, :, None, None])
+    a = _activation(x, s, t).requires_grad_(False)
+    w64 = weight.double().requires_grad_()
+    F.conv2d(a, w64, None, stride, 1, 1, groups).backward(dz)
+    assert_close(dw, w64.grad, dtype, "dweight")
+
+
+def test_every_config_gives_the_same_bits_with_the_prologue():
+    """Forced configs of both kernels agree bit for bit with the prologue on, as without it."""
+    x, weight, s, t, groups, stride = _problem((2, 16, 16, 4, 7, 6, 1), torch.float32)
+    zs = [_fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z, in_scale=s, in_shift=t,
+                            config=c)[0] for c in conv_configs(interpret=True)]
+    assert all(torch.equal(zs[0], z) for z in zs[1:])
+    coeffs = tuple(torch.full((16,), v) for v in (1.0, 0.1, 0.01, -0.01))
+    dws = [_bwd.conv_dw(x, zs[0], zs[0], weight, coeffs, groups, stride, 1, in_scale=s, in_shift=t, config=c)
+           for c in wgrad_configs(interpret=True)]
+    assert all(torch.equal(dws[0], d) for d in dws[1:])
+
+
+def test_prologue_needs_both_vectors():
+    x, weight, s, t, groups, stride = _problem((2, 16, 16, 4, 7, 6, 1), torch.float32)
+    with pytest.raises(ValueError, match="in_scale and in_shift"):
+        _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z, in_scale=s)
+    with pytest.raises(ValueError, match="in_scale and in_shift"):
+        _bwd.conv_dw(x, x, x, weight, (s, s, s, s), groups, stride, 1, in_shift=t)
