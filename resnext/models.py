@@ -19,7 +19,7 @@ still switch Triton's interpreter on first (``kernels.auto_select_backend()``).
 """
 
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,27 @@ def _fused_op():
     return grouped_conv_bn_relu_modules
 
 
+def _fused_block():
+    """The whole bottleneck through the Triton kernels (``kernels/_bottleneck.py``)."""
+    from kernels._bottleneck import fused_bottleneck
+
+    return fused_bottleneck
+
+
+LEVELS = ("conv", "block")
+
+
+def _level(value) -> Optional[str]:
+    """``fused_kernels`` as given (False/None, True, "conv", "block") -> None, "conv" or "block"."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "conv"
+    if value in LEVELS:
+        return value
+    raise ValueError(f"fused_kernels must be False, True, 'conv' or 'block', got {value!r}")
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding, no bias (a BatchNorm follows)."""
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
@@ -66,8 +87,10 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 class Bottleneck(nn.Module):
     """ResNeXt's aggregated transformation: 1x1 reduce, grouped 3x3 (carries the stride), 1x1 expand.
 
-    ``fused_kernels`` (a plain attribute, not a submodule) routes conv2 -> bn2 -> ReLU through the
-    fused Triton op with the very same ``conv2``/``bn2`` modules.
+    ``fused_kernels`` (a plain attribute, not a submodule): False; "conv" (or True) routes
+    conv2 -> bn2 -> ReLU through the fused Triton op with the very same ``conv2``/``bn2`` modules;
+    "block" runs the whole block through the Triton kernels (``kernels/_bottleneck.py``), with the
+    same modules, parameters and buffers.
     """
 
     expansion = 4
@@ -88,6 +111,8 @@ class Bottleneck(nn.Module):
         self.fused_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernels == "block":
+            return _fused_block()(x, self)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         if self.fused_kernels:
@@ -143,7 +168,7 @@ class ResNeXt(_ResNeXtBase):
     """ImageNet ResNeXt: 7x7/2 stem, 3x3/2 max-pool, four bottleneck stages, average pool, fc."""
 
     def __init__(self, layers: Sequence[int], groups: int = 32, width_per_group: int = 4,
-                 num_classes: int = 1000, zero_init_residual: bool = False, fused_kernels: bool = False):
+                 num_classes: int = 1000, zero_init_residual: bool = False, fused_kernels: Union[bool, str] = False):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
@@ -161,8 +186,9 @@ class ResNeXt(_ResNeXtBase):
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
         self._init_weights(zero_init_residual)
-        if fused_kernels:
-            fuse_kernels(self)
+        level = _level(fused_kernels)
+        if level:
+            fuse_kernels(self, level=level)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map of the last stage, ``(N, 2048, H/32, W/32)``."""
@@ -174,7 +200,7 @@ class CifarResNeXt(_ResNeXtBase):
     """The paper's CIFAR ResNeXt (section 5.3) for 32x32 inputs: 3x3 stem and three stages."""
 
     def __init__(self, depth: int = 29, groups: int = 8, width_per_group: int = 64, stem_width: int = 64,
-                 num_classes: int = 10, zero_init_residual: bool = False, fused_kernels: bool = False):
+                 num_classes: int = 10, zero_init_residual: bool = False, fused_kernels: Union[bool, str] = False):
         super().__init__()
         if (depth - 2) % 9 != 0 or depth < 11:
             raise ValueError(f"depth must be 9 * blocks_per_stage + 2 (11, 20, 29, ...), got {depth}")
@@ -194,8 +220,9 @@ class CifarResNeXt(_ResNeXtBase):
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
         self._init_weights(zero_init_residual)
-        if fused_kernels:
-            fuse_kernels(self)
+        level = _level(fused_kernels)
+        if level:
+            fuse_kernels(self, level=level)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map of the last stage, ``(N, 1024, H/4, W/4)``."""
@@ -218,8 +245,12 @@ def _blocks(model: nn.Module):
     return ours, theirs
 
 
-def _set_fused(model: nn.Module, value: bool, strict: bool = True) -> nn.Module:
+def _set_fused(model: nn.Module, value, strict: bool = True) -> nn.Module:
     ours, theirs = _blocks(model)
+    if value == "block" and theirs:
+        names = ", ".join(name for name, _ in theirs[:3])
+        raise ValueError(f"fuse_kernels(level='block') runs resnext.Bottleneck blocks only; {type(model).__name__} "
+                         f"has torchvision's or timm's ({names}...): use level='conv' for those")
     if not value:
         for _, block in theirs:
             _patch.unpatch_block(block)
@@ -246,8 +277,13 @@ def _set_fused(model: nn.Module, value: bool, strict: bool = True) -> nn.Module:
     return model
 
 
-def fuse_kernels(model: nn.Module, strict: bool = True) -> nn.Module:
+def fuse_kernels(model: nn.Module, strict: bool = True, level: str = "conv") -> nn.Module:
     """Run every block's grouped conv + BN + ReLU as the fused Triton op, in place; returns ``model``.
+
+    ``level="block"`` runs each whole :class:`Bottleneck` through the Triton kernels instead (1x1
+    GEMMs with BatchNorm statistics in their epilogues and BN + ReLU applied as the next conv loads
+    its input; ``kernels/_bottleneck.py``): no PyTorch convolution or BatchNorm inside a block.
+    This package's blocks only, for now.
 
     Blocks: this package's :class:`Bottleneck`, and torchvision's and timm's ResNet ``Bottleneck``
     (``torchvision.models.resnext50_32x4d()``, ``timm.create_model("resnext50_32x4d")``, a detection
@@ -260,12 +296,14 @@ def fuse_kernels(model: nn.Module, strict: bool = True) -> nn.Module:
     such blocks stay on PyTorch with a warning. A model with no such block at all is a ValueError.
     Imports the kernels now, so switch Triton's interpreter on first on a machine without a GPU.
     """
-    _fused_op()  # fail here, not in the first forward, when the kernels are unavailable
-    return _set_fused(model, True, strict)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    _fused_op() if level == "conv" else _fused_block()  # fail here, not in the first forward
+    return _set_fused(model, level, strict)
 
 
 def unfuse_kernels(model: nn.Module) -> nn.Module:
-    """Undo :func:`fuse_kernels`: back to eager ``conv2 -> bn2 -> relu`` in every block."""
+    """Undo :func:`fuse_kernels` (either level): back to eager PyTorch in every block."""
     return _set_fused(model, False)
 
 
@@ -273,47 +311,47 @@ def _resnext(layers: Sequence[int], groups: int, width_per_group: int, **kwargs)
     return ResNeXt(layers, groups=groups, width_per_group=width_per_group, **kwargs)
 
 
-def resnext50_32x4d(num_classes: int = 1000, fused_kernels: bool = False, **kwargs) -> ResNeXt:
+def resnext50_32x4d(num_classes: int = 1000, fused_kernels: Union[bool, str] = False, **kwargs) -> ResNeXt:
     """ResNeXt-50 32x4d (25.0 M parameters, 4.23 GMACs at 224x224)."""
     return _resnext([3, 4, 6, 3], 32, 4, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext101_32x4d(num_classes: int = 1000, fused_kernels: bool = False, **kwargs) -> ResNeXt:
+def resnext101_32x4d(num_classes: int = 1000, fused_kernels: Union[bool, str] = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 32x4d (44.2 M parameters, 7.97 GMACs)."""
     return _resnext([3, 4, 23, 3], 32, 4, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext101_32x8d(num_classes: int = 1000, fused_kernels: bool = False, **kwargs) -> ResNeXt:
+def resnext101_32x8d(num_classes: int = 1000, fused_kernels: Union[bool, str] = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 32x8d (88.8 M parameters, 16.41 GMACs)."""
     return _resnext([3, 4, 23, 3], 32, 8, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext101_64x4d(num_classes: int = 1000, fused_kernels: bool = False, **kwargs) -> ResNeXt:
+def resnext101_64x4d(num_classes: int = 1000, fused_kernels: Union[bool, str] = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 64x4d (83.5 M parameters, 15.46 GMACs)."""
     return _resnext([3, 4, 23, 3], 64, 4, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext152_32x4d(num_classes: int = 1000, fused_kernels: bool = False, **kwargs) -> ResNeXt:
+def resnext152_32x4d(num_classes: int = 1000, fused_kernels: Union[bool, str] = False, **kwargs) -> ResNeXt:
     """ResNeXt-152 32x4d (60.0 M parameters, 11.71 GMACs)."""
     return _resnext([3, 8, 36, 3], 32, 4, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext101_32x16d(num_classes: int = 1000, fused_kernels: bool = False, **kwargs) -> ResNeXt:
+def resnext101_32x16d(num_classes: int = 1000, fused_kernels: Union[bool, str] = False, **kwargs) -> ResNeXt:
     """ResNeXt-101 32x16d (194.0 M parameters, 36.16 GMACs; the width of Mahajan et al.'s WSL models)."""
     return _resnext([3, 4, 23, 3], 32, 16, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext29_8x64d(num_classes: int = 10, fused_kernels: bool = False, **kwargs) -> CifarResNeXt:
+def resnext29_8x64d(num_classes: int = 10, fused_kernels: Union[bool, str] = False, **kwargs) -> CifarResNeXt:
     """CIFAR ResNeXt-29 8x64d (34.4 M parameters, 5.39 GMACs), for 32x32 inputs."""
     return CifarResNeXt(29, 8, 64, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext29_16x64d(num_classes: int = 10, fused_kernels: bool = False, **kwargs) -> CifarResNeXt:
+def resnext29_16x64d(num_classes: int = 10, fused_kernels: Union[bool, str] = False, **kwargs) -> CifarResNeXt:
     """CIFAR ResNeXt-29 16x64d (68.2 M parameters; the paper says 68.1), for 32x32 inputs."""
     return CifarResNeXt(29, 16, 64, num_classes=num_classes, fused_kernels=fused_kernels, **kwargs)
 
 
-def resnext_tiny(num_classes: int = 10, fused_kernels: bool = False, **kwargs) -> CifarResNeXt:
+def resnext_tiny(num_classes: int = 10, fused_kernels: Union[bool, str] = False, **kwargs) -> CifarResNeXt:
     """Small CIFAR-style ResNeXt-11 8x4d (grouped widths 32/64/128, 16-channel stem) for quick runs."""
     return CifarResNeXt(11, 8, 4, stem_width=16, num_classes=num_classes,
                         fused_kernels=fused_kernels, **kwargs)

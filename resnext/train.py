@@ -51,7 +51,7 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ class TrainConfig:
     workers: Optional[int] = None       # DataLoader worker processes per rank
     # model
     arch: Optional[str] = None          # any name in resnext.list_models()
-    fused_kernels: bool = False         # grouped conv + BN + ReLU as one Triton kernel
+    fused_kernels: Union[bool, str] = False  # False, "conv" (grouped conv + BN + ReLU) or "block"
     channels_last: bool = False         # NHWC activations and weights
     compile: bool = False               # torch.compile the model
     sync_bn: bool = False               # SyncBatchNorm: BN statistics of the global batch (torchrun)
@@ -186,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-size", "input side in pixels: train crop and val centre crop", type=int, metavar="PX")
     add("--workers", "DataLoader worker processes per process", type=int, metavar="N")
     add("--arch", f"one of {', '.join(resnext.list_models())}", metavar="NAME")
-    add("--fused-kernels", "grouped conv + BN + ReLU as one Triton kernel; without a GPU, through Triton's "
-        "interpreter", action=on_off)
+    add("--fused-kernels", "Triton kernels: conv (alone: each block's grouped conv + BN + ReLU as one "
+        "kernel) or block (each whole bottleneck, no PyTorch conv or BatchNorm inside); without a GPU, "
+        "through Triton's interpreter", nargs="?", const="conv", type=_one_of("conv", "block"),
+        metavar="{conv,block}")
+    add("--no-fused-kernels", "PyTorch's own ops everywhere (e.g. to resume a fused run without them)",
+        "default: off", action="store_false", dest="fused_kernels")
     add("--channels-last", "NHWC activations and weights", action=on_off)
     add("--compile", "torch.compile the model", action=on_off)
     add("--sync-bn", "BatchNorm statistics over the global batch of every process (nn.SyncBatchNorm; "

@@ -1,0 +1,143 @@
+"""The whole ResNeXt bottleneck in Triton kernels, composed: no PyTorch convolution or BatchNorm.
+
+    y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + identity),
+    identity = x, or bn_d(conv_d(x)) (the projection shortcut, which carries the stride).
+
+Training forward, each arrow one kernel; every BatchNorm's statistics come from the epilogue of the
+conv that produces its input, and every BatchNorm + ReLU is applied as the next conv loads it:
+
+    x ─conv1 (+stats)→ z1 ─[bn1+relu on load] conv2 3x3 (+stats)→ z2 ─[bn2+relu on load] conv3 (+stats)→ z3
+    x ─conv_d, stride (+stats)→ z_d                 tail: y = relu(bn3(z3) + x or bn_d(z_d))
+
+Saved for backward: x and z1, z2, z3 (z_d) and per-channel vectors — no normalised or activated copy.
+Backward: the tail kernel gives g = dy·[pre > 0] and BN3's (and BN_d's) sums; every dz is then rebuilt
+as the kernels load it (dz = scale·g + k1·z + k0, with the ReLU mask where a ReLU followed the BN);
+conv3's dgrad gives the gradient of relu(bn2(z2)), a reduction BN2's sums, and so on down to x.
+Float32 accumulation and fixed-order float32 reductions throughout.
+
+Work in progress (issue 13): this composes the kernels with a few plain reductions between them
+(``_bwd.bn_bwd_reduce``); fusing those sums into the dgrad epilogues is the next step. Not yet
+wired into ``resnext.fuse_kernels``.
+"""
+
+import torch
+import torch.nn as nn
+
+from . import _bwd, _fwd, _stats
+from ._conv1x1 import conv1x1_forward
+from ._conv1x1_bwd import conv1x1_dgrad, conv1x1_wgrad
+from ._tail import bn_backward_coeffs, tail_backward, tail_forward
+
+
+def _bn_args(bn, c, device):
+    """(γ, β, running_mean, running_var, eps, momentum, batch statistics?) of an nn.BatchNorm2d,
+    doing its bookkeeping (num_batches_tracked, momentum=None) as its forward does."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    gamma = bn.weight if bn.weight is not None else torch.ones(c, device=device)
+    beta = bn.bias if bn.bias is not None else torch.zeros(c, device=device)
+    return (gamma, beta, bn.running_mean if keep else None, bn.running_var if keep else None, bn.eps, momentum,
+            use_batch)
+
+
+def _fold(parts, count, bn):
+    """(mean, invstd, scale, shift) float32 of one BatchNorm: from the conv's chunk statistics when
+    it normalises with batch statistics (running statistics updated), else from its buffers."""
+    gamma, beta, rm, rv, eps, momentum, use_batch = bn
+    if use_batch:
+        return _stats.bn_stats(parts, count, gamma.detach(), beta.detach(), rm, rv, eps, momentum)
+    invstd = torch.rsqrt(rv + eps)
+    scale = gamma.detach() * invstd
+    return rm.clone(), invstd, scale, beta.detach() - rm * scale
+
+
+class _FusedBottleneck(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd, bns, stride, groups):
+        bn1, bn2, bn3, bnd = bns
+        x = x.contiguous(memory_format=torch.channels_last)
+        n, _, h, w = x.shape
+        z1, p1 = conv1x1_forward(x, w1, 1, compute_stats=bn1[6])
+        f1 = _fold(p1, n * h * w, bn1)
+        z2, p2 = _fwd.conv_forward(z1, w2.contiguous(), groups, stride, 1, store=_fwd.STORE_Z,
+                                   compute_stats=bn2[6], in_scale=f1[2], in_shift=f1[3])
+        count = n * z2.shape[2] * z2.shape[3]
+        f2 = _fold(p2, count, bn2)
+        z3, p3 = conv1x1_forward(z2, w3, 1, in_scale=f2[2], in_shift=f2[3], compute_stats=bn3[6])
+        f3 = _fold(p3, count, bn3)
+        zd = fd = None
+        if wd is not None:
+            zd, pd = conv1x1_forward(x, wd, stride, compute_stats=bnd[6])
+            fd = _fold(pd, count, bnd)
+        y = tail_forward(z3, f3[2], f3[3], x if zd is None else zd, *(fd[2:] if fd else ()))
+        ctx.save_for_backward(x, w1, w2, w3, wd, z1, z2, z3, zd)
+        ctx.folds = (f1, f2, f3, fd)
+        ctx.training = tuple(bn[6] for bn in bns if bn is not None)
+        ctx.conf = (stride, groups, count, n * h * w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, w3, wd, z1, z2, z3, zd = ctx.saved_tensors
+        f1, f2, f3, fd = ctx.folds
+        t1, t2, t3, *td = ctx.training
+        stride, groups, count, count1 = ctx.conf
+        dy = dy.contiguous(memory_format=torch.channels_last).to(z3.dtype)
+        proj = zd is not None
+        g, sums3, sums_d = tail_backward(dy, z3, f3[2], f3[3], f3[0], f3[1], zd if proj else x,
+                                         *((fd[2], fd[3], fd[0], fd[1]) if proj else ()))
+        # conv3: dz3 = s3·g + k1·z3 + k0 (g already carries the tail's ReLU mask)
+        c3 = (f3[2], f3[3], *bn_backward_coeffs(sums3, f3[2], f3[0], f3[1], count, t3))
+        dw3 = conv1x1_wgrad(z2, g, z3, c3, w3.shape, 1, mask=False, in_scale=f2[2], in_shift=f2[3])
+        da2 = conv1x1_dgrad(g, z3, w3, c3, z2.shape, 1, mask=False)  # d relu(bn2(z2))
+        # conv2 (grouped 3x3): BN2's sums from (da2, z2), then dz2 rebuilt with BN2's ReLU mask
+        s2 = _bwd.bn_bwd_reduce(da2, z2, f2[2], f2[3], f2[0], f2[1])
+        c2 = (f2[2], f2[3], *bn_backward_coeffs(s2, f2[2], f2[0], f2[1], count, t2))
+        dw2 = _bwd.conv_dw(z1, da2, z2, w2, c2, groups, stride, 1, in_scale=f1[2], in_shift=f1[3])
+        da1 = _bwd.conv_dx(da2, z2, w2, c2, z1.shape, groups, stride, 1)  # d relu(bn1(z1))
+        s1 = _bwd.bn_bwd_reduce(da1, z1, f1[2], f1[3], f1[0], f1[1])
+        c1 = (f1[2], f1[3], *bn_backward_coeffs(s1, f1[2], f1[0], f1[1], count1, t1))
+        dw1 = conv1x1_wgrad(x, da1, z1, c1, w1.shape, 1, mask=True)
+        dx = conv1x1_dgrad(da1, z1, w1, c1, x.shape, 1, mask=True).float()
+        dwd = dgd = dbd = None
+        if proj:
+            cd = (fd[2], fd[3], *bn_backward_coeffs(sums_d, fd[2], fd[0], fd[1], count, td[0]))
+            dwd = conv1x1_wgrad(x, g, zd, cd, wd.shape, stride, mask=False)
+            dx += conv1x1_dgrad(g, zd, wd, cd, x.shape, stride, mask=False).float()
+            dgd, dbd = sums_d[1], sums_d[0]
+        else:
+            dx += g.float()
+        # dγ = Σ g·x̂, dβ = Σ g per BatchNorm
+        return (dx.to(x.dtype), dw1, dw2, dw3, dwd, s1[1], s1[0], s2[1], s2[0], sums3[1], sums3[0], dgd, dbd,
+                None, None, None)
+
+
+def fused_bottleneck(x, block):
+    """``block(x)`` for a ``resnext.Bottleneck`` (conv1/bn1, conv2/bn2 grouped 3x3, conv3/bn3, optional
+    downsample = Sequential(conv1x1 with the stride, BatchNorm2d)), through the Triton kernels, with its
+    own parameters and buffers and nn.BatchNorm2d's semantics in training and eval mode."""
+    mods = [block.conv1, block.conv2, block.conv3]
+    bns = [block.bn1, block.bn2, block.bn3]
+    down = block.downsample
+    if down is not None:
+        if not (isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[0], nn.Conv2d)
+                and isinstance(down[1], nn.BatchNorm2d)):
+            raise ValueError("block.downsample must be Sequential(Conv2d 1x1, BatchNorm2d) or None")
+        mods.append(down[0])
+        bns.append(down[1])
+    for bn in bns:
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"expected nn.BatchNorm2d, got {type(bn).__name__}")
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    weights = [m.weight.to(x.dtype) for m in mods] + ([None] if down is None else [])
+    args = [_bn_args(bn, bn.num_features, x.device) for bn in bns] + ([None] if down is None else [])
+    affine = []
+    for a in args:
+        affine += [None, None] if a is None else [a[0], a[1]]
+    return _FusedBottleneck.apply(x, *weights, *affine, tuple(args), block.conv2.stride[0], block.conv2.groups)
