@@ -105,3 +105,28 @@ def test_block_level_model_matches_eager_and_unfuses():
         resnext.fuse_kernels(eager, level="bottleneck")
     with pytest.raises(ValueError, match="fused_kernels must be False, True, 'conv' or 'block'"):
         resnext.create_model("resnext_tiny", fused_kernels="yes")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_bottleneck_under_float16_autocast(case):
+    """Under torch.autocast(float16) the block runs in float16 (float32 accumulation and BatchNorm
+    statistics): every output, gradient and running statistic within 2x the error of PyTorch's own
+    autocast run, both against a float64 copy of the block."""
+    inplanes, planes, stride, groups, wpg, n, hw = case
+    block = _block(inplanes, planes, stride, groups, wpg).train()
+    eager, ref = copy.deepcopy(block), copy.deepcopy(block).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, inplanes, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    ho = (hw - 1) // stride + 1
+    dy = torch.randn(n, planes * 4, ho, ho, generator=g)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours, theirs = _run(block, x, dy, True), _run(eager, x, dy, False)
+    exact = _run(ref, x.double(), dy, False)
+    assert ours["y"].dtype == theirs["y"].dtype == torch.float16
+    for k in exact:
+        if not exact[k].is_floating_point():
+            continue
+        err_ours = (ours[k].double() - exact[k]).abs().max().item()
+        err_torch = (theirs[k].double() - exact[k]).abs().max().item()
+        ulp = torch.finfo(torch.float16).eps * max(exact[k].abs().max().item(), 1e-30)
+        assert err_ours <= 2 * err_torch + ulp, f"{k}: {err_ours:.3g} vs PyTorch's {err_torch:.3g}"
