@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests                 # versions + the whole suite, interpreter off
 #   bash benchmarks/gpu_session.sh blocks [pytest -k]    # block benchmarks, bfloat16 by default
+#   bash benchmarks/gpu_session.sh bottleneck [pytest -k]  # whole blocks: cudnn, fused_conv, fused_block, compile
 #   bash benchmarks/gpu_session.sh models                # model benchmarks
 #   bash benchmarks/gpu_session.sh patch                 # torchvision resnext50_32x4d patched vs not
 #   bash benchmarks/gpu_session.sh report                # merge the JSONs -> benchmarks/results/
@@ -55,6 +56,13 @@ case "$step" in
     timeout -s INT "${BENCH_TIMEOUT:-560}" python -m pytest benchmarks/test_model_bench.py --benchmark-only -q \
       -k "${1:-}" --benchmark-json="$out/models.json" > "$out/models.log" 2>&1
     tail -40 "$out/models.log"
+    ;;
+  bottleneck)
+    versions
+    tag=$(printf '%s' "${1:-all}" | tr -c 'A-Za-z0-9' '_')
+    timeout -s INT "${BENCH_TIMEOUT:-560}" python -m pytest benchmarks/test_bottleneck_bench.py --benchmark-only -q \
+      -k "${1:-}" --benchmark-json="$out/bottleneck-$tag.json" > "$out/bottleneck-$tag.log" 2>&1
+    tail -40 "$out/bottleneck-$tag.log"
     ;;
   host)  # where the GPU idles at the small stages: CPU time per call, and a cProfile of the fused call
     versions

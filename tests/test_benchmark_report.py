@@ -436,3 +436,37 @@ def test_report_lists_nothing_when_complete():
              for mode in ("inference", "train") for p in ("fused", "cudnn", "compile")]
     assert report.missing_cases(recs) == []
     assert report.missing_cases(recs[1:]) == ["- blocks resnext50_32x4d bfloat16 inference `fused`: stage1"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["stage1-proj", "stage1-identity", "stage2-proj-s2"])
+@pytest.mark.parametrize("mode", ["inference", "train_fwd_bwd"])
+def test_bottleneck_flops_match_flop_counter(index, mode):
+    """The bottleneck benchmark's FLOPs are the convolutions' as torch.utils.flop_counter counts them
+    (forward, and forward + backward with every input requiring grad), at a small batch."""
+    import torch.nn as nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import resnext
+    from benchmarks.test_bottleneck_bench import bottleneck_shapes, flops_and_bytes
+
+    s = bottleneck_shapes()[index]
+    _, _, stride, inplanes, planes, groups, wpg, size = s
+    down = None
+    if stride != 1 or inplanes != planes * 4:
+        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+    block = resnext.Bottleneck(inplanes, planes, stride, down, groups, wpg)
+    x = torch.randn(2, inplanes, size, size, requires_grad=mode != "inference")
+    # torch's counter forgets the groups in the grouped conv's weight gradient (see
+    # test_conv_flops_match_flop_counter): count with conv2's weight frozen, and add its wgrad as
+    # its forward, counted on its own
+    block.conv2.weight.requires_grad_(mode == "inference")
+    with FlopCounterMode(display=False) as counter:
+        y = block(x)
+        if mode != "inference":
+            y.sum().backward()
+    total = counter.get_total_flops()
+    if mode != "inference":
+        with FlopCounterMode(display=False) as conv2, torch.no_grad():
+            block.conv2(torch.randn(2, block.conv2.in_channels, size, size))
+        total += conv2.get_total_flops()
+    assert flops_and_bytes(s, 2, mode)[0] == total > 0
