@@ -376,13 +376,15 @@ def test_gpu_slug():
 # ---------------------------------------------------------------- the suite without a GPU
 
 def _bench_cases() -> int:
-    from benchmarks import test_block_bench, test_model_bench, test_patch_bench
+    from benchmarks import test_block_bench, test_bottleneck_bench, test_model_bench, test_patch_bench
     from benchmarks.conftest import ALL_DTYPES
     from benchmarks.shapes import MODES
 
     blocks = len(block_shapes()) * len(ALL_DTYPES) * len(MODES) * len(test_block_bench.PROVIDERS)
     models = len(test_model_bench.ARCHS) * len(test_model_bench.MODES) * len(test_model_bench.PROVIDERS)
-    return blocks + models + len(test_patch_bench.MODES) * len(test_patch_bench.PROVIDERS)
+    bottlenecks = (len(test_bottleneck_bench.bottleneck_shapes()) * len(test_bottleneck_bench.MODES)
+                   * len(test_bottleneck_bench.PROVIDERS))
+    return blocks + models + bottlenecks + len(test_patch_bench.MODES) * len(test_patch_bench.PROVIDERS)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU this would run the whole benchmark suite")
@@ -398,7 +400,8 @@ def test_benchmarks_skip_without_gpu():
     cases = _bench_cases()
     # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 3 providers
     # + torchvision's resnext50_32x4d patched and not, 2 modes
-    assert cases == 394
+    # + 16 bottlenecks x 2 modes x 4 providers
+    assert cases == 394 + 128
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{cases} skipped"), lines[-1]
     assert "passed" not in lines[-1] and "failed" not in lines[-1], lines[-1]
