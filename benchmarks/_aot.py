@@ -119,6 +119,11 @@ _H100 = types.SimpleNamespace(
 _ORIGINAL = {}
 
 
+# (module, function) of the input checks that refuse CPU tensors with the interpreter off
+_CPU_CHECKS = (("kernels.grouped_conv_bn_relu", "_check_inputs"), ("kernels._conv1x1", "_check_inputs"),
+               ("kernels._conv1x1_bwd", "_check_activation"), ("kernels._tail", "_check_activation"))
+
+
 def install():
     """Install the hooks in this process (idempotent) and import the op; returns its module."""
     if not _ORIGINAL:
@@ -131,21 +136,28 @@ def install():
         torch.cuda.get_device_capability = lambda device=None: (_H100.major, _H100.minor)
         torch.cuda.current_device = lambda: 0
         torch.cuda.device = _NoDeviceGuard
+    import importlib
+
     import kernels.grouped_conv_bn_relu as op
 
-    check = getattr(op, "_check_inputs", None)
-    if check is not None and hasattr(op, "INTERPRET") and not getattr(check, "_aot", False):
-        # The op refuses CPU tensors unless its INTERPRET flag is set. Set it for the input
-        # check only, so every other check still runs and nothing else reads the flag.
-        def checked(*args, **kwargs):
-            saved, op.INTERPRET = op.INTERPRET, True
+    # The op and the block's kernels refuse CPU tensors unless their module's INTERPRET flag is
+    # set. Set it for their input checks only, so every other check still runs and nothing else
+    # reads the flag.
+    for module, name in _CPU_CHECKS:
+        mod = importlib.import_module(module)
+        check = getattr(mod, name, None)
+        if check is None or not hasattr(mod, "INTERPRET") or getattr(check, "_aot", False):
+            continue
+
+        def checked(*args, _mod=mod, _check=check, **kwargs):
+            saved, _mod.INTERPRET = _mod.INTERPRET, True
             try:
-                return check(*args, **kwargs)
+                return _check(*args, **kwargs)
             finally:
-                op.INTERPRET = saved
+                _mod.INTERPRET = saved
 
         checked._aot = True
-        op._check_inputs = checked
+        setattr(mod, name, checked)
     return op
 
 
@@ -356,7 +368,35 @@ MODES = {
     "train": (True, True, True),
     "train_no_grad": (True, False, False),
     "frozen_bn": (False, True, True),
+    # the whole bottleneck (kernels/_bottleneck.py) whose grouped conv has this shape
+    "block_inference": (False, False, False),
+    "block_train": (True, True, True),
 }
+
+
+def _run_block(mode, shape, n, dtype):
+    """The fused bottleneck (kernels/_bottleneck.py) whose grouped conv is ``shape``: a stride-2
+    shape is its stage's first block (projection from planes·2 channels), a stride-1 shape an
+    identity block."""
+    import torch.nn as nn
+
+    import resnext
+    from kernels._bottleneck import fused_bottleneck
+
+    training, grad, backward = MODES[mode]
+    planes = 64 * 2 ** (shape.stage - 1)
+    wpg = shape.channels * 64 // (planes * shape.groups)
+    inplanes = planes * 2 if shape.stride == 2 else planes * 4
+    down = None
+    if shape.stride == 2:
+        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, 2, bias=False), nn.BatchNorm2d(planes * 4))
+    block = resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg).train(training)
+    x = torch.empty((n, inplanes, shape.size, shape.size), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = fused_bottleneck(x, block)
+    if backward:
+        y.backward(torch.empty_like(y))
 
 
 def _run_mode(op, mode, n, c, h, w, groups, stride, dtype):
@@ -388,7 +428,11 @@ def run_job(shape, batch, dtype_name, modes=tuple(MODES)):
     for mode in modes:
         LAUNCHES.clear()
         try:
-            _run_mode(op, mode, batch, shape.channels, shape.size, shape.size, shape.groups, shape.stride, dtype)
+            if mode.startswith("block"):
+                _run_block(mode, shape, batch, dtype)
+            else:
+                _run_mode(op, mode, batch, shape.channels, shape.size, shape.size, shape.groups, shape.stride,
+                          dtype)
         except Exception as e:  # the op itself failed on the way: report, keep going
             failures.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:500]}"})
         for launch in LAUNCHES:

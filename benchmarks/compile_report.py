@@ -51,11 +51,14 @@ def kernels_hash(root=ROOT):
     return digest.hexdigest()
 
 
-def _job(shape, batch, dtype):
+BLOCK_MODES = ("block_inference", "block_train")
+
+
+def _job(shape, batch, dtype, blocks=False):
     from benchmarks import _aot  # heavy (torch, triton, the kernels): only in the workers
 
     start = time.perf_counter()
-    records, failures = _aot.run_job(shape, batch, dtype)
+    records, failures = _aot.run_job(shape, batch, dtype, **({"modes": BLOCK_MODES} if blocks else {}))
     return records, [dict(f, shape=shape.id, dtype=dtype) for f in failures], time.perf_counter() - start
 
 
@@ -125,8 +128,10 @@ def _sort_key(r, order):
 
 
 def write_markdown(path, meta, records, failures):
-    md = ["# sm_90 compile report: every kernel the op launches, compiled without a GPU", "",
-          f"`python -m benchmarks.compile_report{' --quick' if meta['quick'] else ''}` with triton {meta['triton']} "
+    what = "the fused bottleneck launches" if meta.get("blocks") else "the op launches"
+    flags = "".join(f" {f}" for f in meta.get("flags", [])) or (" --quick" if meta["quick"] else "")
+    md = [f"# sm_90 compile report: every kernel {what}, compiled without a GPU", "",
+          f"`python -m benchmarks.compile_report{flags}` with triton {meta['triton']} "
           f"for `{meta['target']}`, batch {meta['batch']}, {len(records)} compiles in {meta['runtime_s']:.0f} s; "
           f"float32 convs {'in TF32 (torch.backends.cudnn.allow_tf32, on by default)' if meta['float32_tf32'] else 'in IEEE float32'}. "
           f"kernels_hash `{meta['kernels_hash'][:16]}…`: stale when it differs from the hash of `kernels/*.py` "
@@ -208,6 +213,10 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true",
                         help=f"only {', '.join(' '.join(s) for s in QUICK_SHAPES)}, for the test")
+    parser.add_argument("--blocks", action="store_true",
+                        help="compile the whole fused bottleneck (kernels/_bottleneck.py: the 1x1 GEMMs, the "
+                             "tail, the grouped conv with its prologue) whose grouped conv has each shape, into "
+                             f"{NAME}-blocks.{{json,md}}")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                         help="compile processes (default: CPU count, at most 8; each may use ~2.5 GB)")
     args = parser.parse_args(argv)
@@ -222,7 +231,7 @@ def main(argv=None):
     records, failures = [], []
     ctx = multiprocessing.get_context("spawn")  # fresh workers: nothing decorated for the interpreter
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), mp_context=ctx) as pool:
-        futures = {pool.submit(_job, s, args.batch, d): (s, d) for s, d in jobs}
+        futures = {pool.submit(_job, s, args.batch, d, args.blocks): (s, d) for s, d in jobs}
         for i, fut in enumerate(as_completed(futures), 1):
             (shape, dtype), (recs, fails, seconds) = futures[fut], fut.result()
             records += recs
@@ -241,17 +250,19 @@ def main(argv=None):
         "batch": args.batch, "dtypes": list(dtypes), "archs": list(args.arch), "quick": args.quick,
         "shapes": [f"{s.arch} {s.label}" for s in shapes], "not_launched": sorted(_defined_kernels() - launched),
         "failures": failures, "runtime_s": round(runtime, 1), "python": platform.python_version(),
+        "blocks": args.blocks, "flags": [a for a in (argv if argv is not None else sys.argv[1:])],
     }
+    name = NAME + ("-blocks" if args.blocks else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.out_dir / f"{NAME}.json", meta, records)
-    write_markdown(args.out_dir / f"{NAME}.md", meta, records, failures)
+    write_json(args.out_dir / f"{name}.json", meta, records)
+    write_markdown(args.out_dir / f"{name}.md", meta, records, failures)
     issues = problems(records, failures)
     if kernels_hash() != source_hash:
         issues.append("kernels/ changed during the run: run again")
     for line in issues:
         print("FAIL:", line)
     print(f"{len(records)} compiles ({sum(r['kept'] for r in records)} kept) of {len(launched)} kernels in "
-          f"{runtime:.0f} s -> {args.out_dir / NAME}.{{json,md}}")
+          f"{runtime:.0f} s -> {args.out_dir / name}.{{json,md}}")
     return 1 if issues else 0
 
 

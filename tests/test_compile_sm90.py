@@ -158,3 +158,26 @@ def test_committed_report_covers_every_shape_with_usable_configs():
     assert not [r for r in records if r["kept"] and (r["error"] or r["over_shared"])]
     bad = [k for k, ok in _usable_kept(records).items() if not ok]
     assert not bad, f"no kept config without spills within shared memory: {bad}"
+
+
+COMMITTED_BLOCKS = COMMITTED.with_name("compile-sm90-blocks.json")
+
+
+def test_committed_block_report_is_fresh_and_usable():
+    """``python -m benchmarks.compile_report --blocks``: every kernel of the fused bottleneck
+    (kernels/_bottleneck.py) compiled at every stage; generated from kernels/ as it is, no kept
+    config failing or over shared memory, and a kept spill-free config for every half-precision
+    (kernel, shape)."""
+    assert COMMITTED_BLOCKS.exists(), ("run python -m benchmarks.compile_report --blocks and commit "
+                                       "benchmarks/results/compile-sm90-blocks.*")
+    report = json.loads(COMMITTED_BLOCKS.read_text())
+    assert report["meta"]["blocks"] and not report["meta"]["failures"]
+    assert report["meta"]["kernels_hash"] == kernels_hash(), (
+        "compile-sm90-blocks.json is stale: run python -m benchmarks.compile_report --blocks")
+    records = report["records"]
+    launched = {r["kernel"] for r in records}
+    assert {"_conv1x1_kernel", "_dgrad_kernel", "_wgrad_kernel", "_tail_fwd_kernel", "_tail_bwd_kernel",
+            "_fwd_kernel", "_bwd_dx_kernel", "_bwd_dw_kernel"} <= launched
+    assert not [r for r in records if r["kept"] and (r["error"] or r["over_shared"])]
+    bad = [k for k, ok in _usable_kept(records).items() if not ok]
+    assert not bad, f"no kept config without spills within shared memory: {bad}"
