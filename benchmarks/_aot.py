@@ -416,7 +416,10 @@ def _run_mode(op, mode, n, c, h, w, groups, stride, dtype):
             y.backward(torch.empty_like(y))
 
 
-def run_job(shape, batch, dtype_name, modes=tuple(MODES)):
+OP_MODES = ("inference", "train", "train_no_grad", "frozen_bn")  # the op's; the block_* modes are --blocks
+
+
+def run_job(shape, batch, dtype_name, modes=OP_MODES):
     """Records of every kernel launch of the op in each of ``modes`` at ``shape`` (a
     ``benchmarks.shapes.BlockShape``), one per compiled kernel, merged across modes."""
     op = install()

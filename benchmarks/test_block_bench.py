@@ -145,6 +145,22 @@ def gpu_time_ms(call, grads, l2_flush, calls=TIMED_CALLS):
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def pedantic_calls(call, grads, l2_flush):
+    """(setup, timed) for ``benchmark.pedantic``: the untimed setup leaves the same state before
+    every call as ``gpu_time_ms`` does; the timed part is the call and a synchronisation."""
+    def setup():
+        for t in grads:
+            t.grad = None
+        l2_flush.zero_()
+        torch.cuda.synchronize()
+
+    def timed():
+        call()
+        torch.cuda.synchronize()
+
+    return setup, timed
+
+
 def kernel_times_ms(events, calls: int) -> dict[str, float]:
     """``{kernel name: ms per call}``, slowest first, from ``(name, device time in us)`` events
     gathered over ``calls`` calls (a name may come several times: several calls, several launches)."""
@@ -215,16 +231,7 @@ def test_block(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, compile_m
     variant, call, grads = best
     median_ms = variants_ms[variant]
 
-    def setup():  # untimed: the same state before every call as in gpu_time_ms
-        for t in grads:
-            t.grad = None
-        l2_flush.zero_()
-        torch.cuda.synchronize()
-
-    def timed():
-        call()
-        torch.cuda.synchronize()
-
+    setup, timed = pedantic_calls(call, grads, l2_flush)
     config = (shape.id, dtype_name, mode, bench_batch)
     if provider == "cudnn":
         cudnn_times[config] = median_ms

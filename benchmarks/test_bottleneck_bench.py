@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.shapes import ARCHS, throughput
-from benchmarks.test_block_bench import gpu_time_ms
+from benchmarks.test_block_bench import gpu_time_ms, pedantic_calls
 
 PROVIDERS = ("cudnn", "fused_conv", "fused_block", "compile")
 MODES = ("inference", "train_fwd_bwd")
@@ -120,16 +120,7 @@ def test_bottleneck(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, comp
     call, grads = _setup(s, mode, provider, bench_batch, compile_mode)
     median_ms = gpu_time_ms(call, grads, l2_flush)
 
-    def setup():
-        for t in grads:
-            t.grad = None
-        l2_flush.zero_()
-        torch.cuda.synchronize()
-
-    def timed():
-        call()
-        torch.cuda.synchronize()
-
+    setup, timed = pedantic_calls(call, grads, l2_flush)
     config = ("bottleneck", _label(s), mode, bench_batch)
     if provider == "cudnn":
         cudnn_times[config] = median_ms

@@ -26,23 +26,18 @@ import torch.nn as nn
 from . import _bwd, _fwd, _stats
 from ._conv1x1 import conv1x1_forward
 from ._conv1x1_bwd import conv1x1_dgrad, conv1x1_wgrad
-from ._tail import bn_backward_coeffs, tail_backward, tail_forward
+from ._bwd import bn_backward_coeffs
+from ._tail import tail_backward, tail_forward
+from .grouped_conv_bn_relu import bn_call_args
 
 
 def _bn_args(bn, c, device):
     """(γ, β, running_mean, running_var, eps, momentum, batch statistics?) of an nn.BatchNorm2d,
     doing its bookkeeping (num_batches_tracked, momentum=None) as its forward does."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
+    momentum, use_batch, running_mean, running_var = bn_call_args(bn)
     gamma = bn.weight if bn.weight is not None else torch.ones(c, device=device)
     beta = bn.bias if bn.bias is not None else torch.zeros(c, device=device)
-    return (gamma, beta, bn.running_mean if keep else None, bn.running_var if keep else None, bn.eps, momentum,
-            use_batch)
+    return gamma, beta, running_mean, running_var, bn.eps, momentum, use_batch
 
 
 def _fold(parts, count, bn):

@@ -324,6 +324,23 @@ def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
     return sum_g.sum(0), sum_gx.sum(0)
 
 
+def bn_backward_coeffs(sums, scale, mean, invstd, count, training=True):
+    """(k1, k0), float32 (C,), so that dz = scale·g + k1·z + k0 is BatchNorm's input gradient.
+
+    ``sums`` = (Σg, Σg·x̂) over the ``count`` pixels the batch statistics were taken over. In
+    training, k1 = −scale·invstd·Σg·x̂/count and k0 = −scale·Σg/count − k1·mean; with frozen
+    (eval-mode) statistics the mean and invstd are constants and k1 = k0 = 0.
+    """
+    sum_g, sum_gx = sums
+    if not training:
+        return torch.zeros_like(scale), torch.zeros_like(scale)
+    if count < 1:
+        raise ValueError(f"count must be a positive number of pixels in training, got {count!r}")
+    k1 = -scale * invstd * sum_gx / count
+    k0 = -scale * sum_g / count - k1 * mean
+    return k1, k0
+
+
 def bn_relu_bwd(dy, z, coeffs):
     """dz (float32, channels-last) of relu(BN(z)) from dy, for the MATERIALIZE_DZ path."""
     n, c, h, w = z.shape

@@ -97,10 +97,7 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
             sum_g = sum_gx = torch.zeros_like(mean)
         sums = torch.cat((sum_g, sum_gx))
         dist.all_reduce(sums, group=group)
-        global_g, global_gx = sums.chunk(2)
-        k1 = -scale * invstd * global_gx / total
-        k0 = -scale * global_g / total - k1 * mean
-        coeffs = (scale, shift, k1, k0)
+        coeffs = (scale, shift, *_bwd.bn_backward_coeffs(sums.chunk(2), scale, mean, invstd, total))
         dx = dw = None
         if x.shape[0]:
             dz = _bwd.bn_relu_bwd(dy, z, coeffs) if _bwd.MATERIALIZE_DZ and (need_x or need_w) else None

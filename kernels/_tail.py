@@ -19,8 +19,8 @@ activation dtype; tensors are channels-last (N, C, H, W), i.e. (M = N·H·W, C) 
   fixed BLOCK_M steps into FOLD float32 rows per channel and those into one partial, and one
   ``sum(0)`` adds the partials in a fixed order. Nothing here is autotuned, so the results are bit-identical from run to run (and the
   same on every run of one device kind, not across kinds or against the interpreter).
-* ``bn_backward_coeffs`` turns the sums into k1, k0 with dz = scale·g + k1·z + k0, BatchNorm's
-  input gradient. The next kernels rebuild dz from (g, z) as they load them, as
+* ``bn_backward_coeffs`` (``kernels._bwd``'s, re-exported) turns the sums into k1, k0 with
+  dz = scale·g + k1·z + k0, BatchNorm's input gradient. The next kernels rebuild dz from (g, z) as they load them, as
   ``_bwd.bn_relu_grad`` does.
 
 Limitations:
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bwd import _num_splits
+from ._bwd import _num_splits, bn_backward_coeffs  # noqa: F401  (bn_backward_coeffs: re-exported)
 from ._conv_tiles import INTERPRET, pointwise_tiles
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -293,20 +293,3 @@ def tail_backward(dy, z3, scale3, shift3, mean3, invstd3, identity, scale_d=None
         sums = part.sum(0) if project else part[:, :2].sum(0)
     sum_g = sums[0]
     return g, (sum_g, sums[1]), (sum_g, sums[2]) if project else None
-
-
-def bn_backward_coeffs(sums, scale, mean, invstd, count, training=True):
-    """(k1, k0), float32 (C,), so that dz = scale·g + k1·z + k0 is BatchNorm's input gradient.
-
-    ``sums`` = (Σg, Σg·x̂) over the ``count`` pixels the batch statistics were taken over. In
-    training, k1 = −scale·invstd·Σg·x̂/count and k0 = −scale·Σg/count − k1·mean; with frozen
-    (eval-mode) statistics the mean and invstd are constants and k1 = k0 = 0.
-    """
-    sum_g, sum_gx = sums
-    if not training:
-        return torch.zeros_like(scale), torch.zeros_like(scale)
-    if count < 1:
-        raise ValueError(f"count must be a positive number of pixels in training, got {count!r}")
-    k1 = -scale * invstd * sum_gx / count
-    k0 = -scale * sum_g / count - k1 * mean
-    return k1, k0

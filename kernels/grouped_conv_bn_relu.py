@@ -287,13 +287,8 @@ def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x
     if dy.dtype != z.dtype:
         dy = dy.to(z.dtype)
     sum_g, sum_gx = _bwd.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
-    if training:
-        count = z.shape[0] * z.shape[2] * z.shape[3]
-        k1 = -scale * invstd * sum_gx / count
-        k0 = -scale * sum_g / count - k1 * mean
-    else:
-        k1 = k0 = torch.zeros_like(scale)
-    coeffs = (scale, shift, k1, k0)
+    count = z.shape[0] * z.shape[2] * z.shape[3]
+    coeffs = (scale, shift, *_bwd.bn_backward_coeffs((sum_g, sum_gx), scale, mean, invstd, count, training))
     dz = _bwd.bn_relu_bwd(dy, z, coeffs) if _bwd.MATERIALIZE_DZ and (need_x or need_w) else None
     if need_x:
         dx = _with_strides(_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
@@ -490,6 +485,21 @@ def _sync_call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                      group=group)
 
 
+def bn_call_args(bn):
+    """(momentum, batch statistics?, running_mean, running_var) of one call of a BatchNorm module,
+    doing its bookkeeping as ``nn.BatchNorm2d.forward`` does: ``num_batches_tracked`` counts the
+    call in training, momentum=None is the cumulative average, and buffers that are not tracked
+    are never updated (None)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return momentum, use_batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None
+
+
 def grouped_conv_bn_relu_modules(x, conv, bn):
     """Run an existing ``nn.Conv2d`` → ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) → ReLU through
     the fused kernels.
@@ -501,16 +511,7 @@ def grouped_conv_bn_relu_modules(x, conv, bn):
     NCCL, and on CPU with gloo); otherwise it behaves as nn.BatchNorm2d, as PyTorch's does.
     """
     _check_modules(conv, bn)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    # as nn.BatchNorm2d.forward: buffers that are not tracked are never updated
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if keep else None
-    running_var = bn.running_var if keep else None
+    momentum, use_batch_stats, running_mean, running_var = bn_call_args(bn)
     group = _sync_group(bn)
     if group is not None:
         return _sync_call(x, conv.weight, bn.weight, bn.bias, running_mean, running_var, conv.stride[0],
