@@ -10,14 +10,16 @@ conv that produces its input, and every BatchNorm + ReLU is applied as the next 
     x ─conv_d, stride (+stats)→ z_d                 tail: y = relu(bn3(z3) + x or bn_d(z_d))
 
 Saved for backward: x and z1, z2, z3 (z_d) and per-channel vectors — no normalised or activated copy.
-Backward: the tail kernel gives g = dy·[pre > 0] and BN3's (and BN_d's) sums; every dz is then rebuilt
-as the kernels load it (dz = scale·g + k1·z + k0, with the ReLU mask where a ReLU followed the BN);
-conv3's dgrad gives the gradient of relu(bn2(z2)), a reduction BN2's sums, and so on down to x.
-Float32 accumulation and fixed-order float32 reductions throughout.
+Backward, again one kernel per arrow and no pass of its own for any BatchNorm or ReLU:
 
-Work in progress (issue 13): this composes the kernels with a few plain reductions between them
-(``_bwd.bn_bwd_reduce``); fusing those sums into the dgrad epilogues is the next step. Not yet
-wired into ``resnext.fuse_kernels``.
+    dy ─tail (+BN3, BN_d sums)→ g ─conv3 dgrad [bn2 ReLU mask, +BN2 sums]→ g2
+       ─conv2 3x3 dgrad [bn1 ReLU mask, +BN1 sums]→ g1 ─conv1 dgrad [+ shortcut's gradient]→ dx
+    wgrads: conv3 (z2 → relu(bn2) on load), conv2 (z1 → relu(bn1) on load), conv1 (x), conv_d (x)
+    projection: conv_d's dgrad (stride 2: zeros where it did not read) is conv1's dgrad's residual.
+
+Every dz is rebuilt as the kernels load it, dz = scale·g + k1·z + k0 (``kernels._bwd``), from the
+masked gradient g the kernel above stored and the BatchNorm's sums its epilogue emitted. Float32
+accumulation and fixed-order float32 reductions throughout.
 """
 
 import torch
@@ -89,26 +91,26 @@ class _FusedBottleneck(torch.autograd.Function):
         # conv3: dz3 = s3·g + k1·z3 + k0 (g already carries the tail's ReLU mask)
         c3 = (f3[2], f3[3], *bn_backward_coeffs(sums3, f3[2], f3[0], f3[1], count, t3))
         dw3 = conv1x1_wgrad(z2, g, z3, c3, w3.shape, 1, mask=False, in_scale=f2[2], in_shift=f2[3])
-        da2 = conv1x1_dgrad(g, z3, w3, c3, z2.shape, 1, mask=False)  # d relu(bn2(z2))
-        # conv2 (grouped 3x3): BN2's sums from (da2, z2), then dz2 rebuilt with BN2's ReLU mask
-        s2 = _bwd.bn_bwd_reduce(da2, z2, f2[2], f2[3], f2[0], f2[1])
+        # conv3's dgrad: g2 = d relu(bn2(z2)) with BN2's ReLU mask, and BN2's sums, in its epilogue
+        g2, s2 = conv1x1_dgrad(g, z3, w3, c3, z2.shape, 1, mask=False, relu_bn=(z2, *f2[2:], *f2[:2]))
+        # conv2 (grouped 3x3): dz2 rebuilt from (g2, z2); its dgrad gives g1 and BN1's sums likewise
         c2 = (f2[2], f2[3], *bn_backward_coeffs(s2, f2[2], f2[0], f2[1], count, t2))
-        dw2 = _bwd.conv_dw(z1, da2, z2, w2, c2, groups, stride, 1, in_scale=f1[2], in_shift=f1[3])
-        da1 = _bwd.conv_dx(da2, z2, w2, c2, z1.shape, groups, stride, 1)  # d relu(bn1(z1))
-        s1 = _bwd.bn_bwd_reduce(da1, z1, f1[2], f1[3], f1[0], f1[1])
+        dw2 = _bwd.conv_dw(z1, g2, z2, w2, c2, groups, stride, 1, in_scale=f1[2], in_shift=f1[3])
+        g1, s1 = _bwd.conv_dx(g2, z2, w2, c2, z1.shape, groups, stride, 1, relu_bn=(z1, *f1[2:], *f1[:2]))
         c1 = (f1[2], f1[3], *bn_backward_coeffs(s1, f1[2], f1[0], f1[1], count1, t1))
-        dw1 = conv1x1_wgrad(x, da1, z1, c1, w1.shape, 1, mask=True)
-        dx = conv1x1_dgrad(da1, z1, w1, c1, x.shape, 1, mask=True).float()
+        dw1 = conv1x1_wgrad(x, g1, z1, c1, w1.shape, 1, mask=False)
         dwd = dgd = dbd = None
         if proj:
             cd = (fd[2], fd[3], *bn_backward_coeffs(sums_d, fd[2], fd[0], fd[1], count, td[0]))
             dwd = conv1x1_wgrad(x, g, zd, cd, wd.shape, stride, mask=False)
-            dx += conv1x1_dgrad(g, zd, wd, cd, x.shape, stride, mask=False).float()
+            shortcut = conv1x1_dgrad(g, zd, wd, cd, x.shape, stride, mask=False)
             dgd, dbd = sums_d[1], sums_d[0]
         else:
-            dx += g.float()
+            shortcut = g
+        # conv1's dgrad adds the shortcut's gradient in its epilogue
+        dx = conv1x1_dgrad(g1, z1, w1, c1, x.shape, 1, mask=False, residual=shortcut)
         # dγ = Σ g·x̂, dβ = Σ g per BatchNorm
-        return (dx.to(x.dtype), dw1, dw2, dw3, dwd, s1[1], s1[0], s2[1], s2[0], sums3[1], sums3[0], dgd, dbd,
+        return (dx, dw1, dw2, dw3, dwd, s1[1], s1[0], s2[1], s2[0], sums3[1], sums3[0], dgd, dbd,
                 None, None, None)
 
 

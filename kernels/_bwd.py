@@ -29,7 +29,11 @@ from ._conv_tiles import (INTERPRET, WGRAD_BLOCK_K, aligned, bn_relu_grad, chann
                           pointwise_tiles, prune_configs, prune_wgrad_configs, shape_bucket,
                           wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
 from ._autotune import autotune
+from ._stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
 from ._weights import other_side_chunks, pack_weight
+
+_STATS_ROWS = tl.constexpr(STATS_ROWS)
+_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
 
 # Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
 # the element-wise work 9 times (once per tap), which dominates under the interpreter.
@@ -107,7 +111,7 @@ def _bn_bwd_reduce_kernel(
 
 
 @autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
-           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "DZ_IN_MEMORY",
+           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "RELU_BN", "DZ_IN_MEMORY",
                 "PRECISION"])
 @triton.jit
 def _bwd_dx_kernel(
@@ -116,6 +120,9 @@ def _bwd_dx_kernel(
     w_ptr,  # (CI_TILES, CO_CHUNKS, 9, BLOCK_CO, BLOCK_CI) packed block-diagonal (kernels/_weights.py)
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dx_ptr,  # (N, H, W, C_in) channels-last
+    zin_ptr,  # (N, H, W, C_in) channels-last: x = relu(zin·in_scale + in_shift), read when RELU_BN
+    in_scale_ptr, in_shift_ptr, in_mean_ptr, in_invstd_ptr,  # (C_in,) float32, read when RELU_BN
+    sum_g_ptr, sum_gx_ptr,  # (STRIDE², ⌈N·HC·WC / STATS_ROWS⌉, C_in) float32, written when RELU_BN
     N, H, W, C_in, Ho, Wo, C_out, CIN_G, COUT_G,
     CO_CHUNKS: tl.constexpr,  # BLOCK_CO chunks of the widest tile's output channels (1 for ResNeXt)
     HC, WC,  # the input grid of one stride-parity class: ⌈H / STRIDE⌉ x ⌈W / STRIDE⌉
@@ -123,6 +130,7 @@ def _bwd_dx_kernel(
     N_BUCKET,  # autotune key only
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    RELU_BN: tl.constexpr,  # epilogue: ReLU mask of the BN below, and its backward sums
     DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M input pixels of one stride-parity class × BLOCK_CI input channels. Each
@@ -178,7 +186,23 @@ def _bwd_dx_kernel(
             acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
 
     dx_offs = (((n * H + hi) * W + wi).to(tl.int64) * C_in)[:, None] + offs_ci[None, :]
-    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+    valid = mask_m[:, None] & mask_ci[None, :]
+    if RELU_BN:
+        # chunks are runs of STATS_ROWS pixels of one parity class, in the class's own order
+        in_scale = tl.load(in_scale_ptr + offs_ci, mask=mask_ci, other=0.0)
+        in_shift = tl.load(in_shift_ptr + offs_ci, mask=mask_ci, other=0.0)
+        in_mean = tl.load(in_mean_ptr + offs_ci, mask=mask_ci, other=0.0)
+        in_invstd = tl.load(in_invstd_ptr + offs_ci, mask=mask_ci, other=0.0)
+        z_in = tl.load(zin_ptr + dx_offs, mask=valid, other=0.0)
+        acc, sum_g, sum_gx = relu_bn_grad_sums(acc, z_in, valid, in_scale, in_shift, in_mean, in_invstd,
+                                               dx_ptr.dtype.element_ty, _LOG2_STATS_ROWS)
+        class_chunks = tl.cdiv(N * HC * WC, _STATS_ROWS)
+        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
+        part = (cls * class_chunks + offs_t).to(tl.int64)[:, None] * C_in + offs_ci[None, :]
+        keep = (offs_t < class_chunks)[:, None] & mask_ci[None, :]
+        tl.store(sum_g_ptr + part, sum_g, mask=keep)
+        tl.store(sum_gx_ptr + part, sum_gx, mask=keep)
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -352,9 +376,14 @@ def bn_relu_bwd(dy, z, coeffs):
     return dz
 
 
-def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None):
+def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None, relu_bn=None):
     """dx (channels-last, weight's dtype) of the grouped conv; dz read from ``dz`` when given,
-    else rebuilt from (dy, z)."""
+    else rebuilt from (dy, z).
+
+    ``relu_bn = (z_in, scale, shift, mean, invstd)``: the conv read x = relu(z_in·scale + shift)
+    (the fused bottleneck's BN1 + ReLU; z_in of x_shape, channels-last, the vectors float32
+    (C_in,)). dx then carries that ReLU's mask and the call returns ``(dx, (Σg, Σg·x̂))``,
+    BatchNorm's backward sums of z_in, from per-chunk partials summed in a fixed order."""
     n, c_in, h, w = x_shape
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
@@ -363,17 +392,24 @@ def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, co
     dx = torch.empty((n, c_in, h, w), device=z.device, dtype=weight.dtype,
                      memory_format=torch.channels_last)
     hc, wc = triton.cdiv(h, stride), triton.cdiv(w, stride)  # one stride-parity class's grid
+    sums = None
+    if relu_bn is not None:
+        z_in, *vectors = relu_bn
+        sums = grad_sums_partials(stride * stride * triton.cdiv(n * hc * wc, STATS_ROWS), c_in, dx.device)
+        epilogue = [z_in.contiguous(memory_format=torch.channels_last), *vectors, *sums]
+    else:
+        epilogue = [dx] + [coeffs[0]] * 6
 
     def grid(meta):  # axis 1: the stride-parity classes
         return triton.cdiv(n * hc * wc, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci), stride * stride
     launch(
         _bwd_dx_kernel, grid, config,
-        dy, z, dz if dz is not None else dy, packed, *coeffs, dx,
+        dy, z, dz if dz is not None else dy, packed, *coeffs, dx, *epilogue,
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, co_chunks, hc, wc, stride, padding, shape_bucket(n),
-        BLOCK_CI=block_ci, BLOCK_CO=block_co, DZ_IN_MEMORY=dz is not None,
+        BLOCK_CI=block_ci, BLOCK_CO=block_co, RELU_BN=relu_bn is not None, DZ_IN_MEMORY=dz is not None,
         EVEN_GROUPS=even_groups(c_in, cin_g, cout_g, block_ci, block_co), **dot_options(weight.dtype),
     )
-    return dx
+    return dx if sums is None else (dx, (sums[0].sum(0), sums[1].sum(0)))
 
 
 def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None, in_scale=None,

@@ -40,6 +40,7 @@ from ._autotune import autotune
 from ._conv1x1 import k_tile
 from ._conv_tiles import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch,
                           pixel_coords, shape_bucket)
+from ._stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Shared memory a config may pipeline per CTA, estimated as num_stages x (the g, z and w or x
@@ -55,6 +56,8 @@ STAGE_BYTES_BUDGET = 200 * 1024
 # float32 dW at 128 (128x64, 4 warps) spilled too, but its pipeline is past STAGE_BYTES_BUDGET.
 DGRAD_LIVE_PER_THREAD = 96
 WGRAD_LIVE_PER_THREAD = 128
+_STATS_ROWS = tl.constexpr(STATS_ROWS)
+_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
 # Fewest pixels per weight-gradient split (the interpreter's programs run one after another).
 MIN_SPLIT_ROWS = 16384 if INTERPRET else 2048
 
@@ -134,7 +137,7 @@ def _load_dz(g_ptr, z_ptr, offs, valid, scale, shift, k1, k0, MASK: tl.constexpr
 
 
 @autotune(configs=dgrad_configs(), prune_configs_by={"early_config_prune": prune_dgrad_configs},
-          key=["M_BUCKET", "C_in", "C_out", "STRIDE", "MASK", "PRECISION"])
+          key=["M_BUCKET", "C_in", "C_out", "STRIDE", "MASK", "RESIDUAL", "RELU_BN", "PRECISION"])
 @triton.heuristics({"EVEN_K": lambda args: args["C_out"] % args["BLOCK_K"] == 0,
                     "EVEN_N": lambda args: args["C_in"] % args["BLOCK_N"] == 0})
 @triton.jit
@@ -143,11 +146,17 @@ def _dgrad_kernel(
     w_ptr,  # (C_out, C_in)
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     da_ptr,  # (N, H, W, C_in) channels-last, w's dtype
+    res_ptr,  # (N, H, W, C_in) channels-last, added to dA when RESIDUAL
+    zin_ptr,  # (N, H, W, C_in) channels-last: a = relu(zin·in_scale + in_shift), read when RELU_BN
+    in_scale_ptr, in_shift_ptr, in_mean_ptr, in_invstd_ptr,  # (C_in,) float32, read when RELU_BN
+    sum_g_ptr, sum_gx_ptr,  # (⌈M / STATS_ROWS⌉, C_in) float32 partials, written when RELU_BN
     H, W, Ho, Wo, M, C_in, C_out,
     STRIDE: tl.constexpr,  # 1 or 2
     M_BUCKET,  # autotune key only
     # meta-parameters
-    MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MASK: tl.constexpr, RESIDUAL: tl.constexpr,
+    RELU_BN: tl.constexpr,  # epilogue: ReLU mask of the BN below, and its backward sums (stride 1)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M pixels of one stride class × BLOCK_N input channels. Class 0 (every
@@ -192,7 +201,23 @@ def _dgrad_kernel(
         acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
 
     da_offs = pix[:, None] * C_in + offs_n[None, :]
-    tl.store(da_ptr + da_offs, acc.to(da_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    valid = mask_m[:, None] & mask_n[None, :]
+    if RESIDUAL:  # the other branch's gradient w.r.t. the same input (the bottleneck's shortcut)
+        acc += tl.load(res_ptr + da_offs, mask=valid, other=0.0).to(tl.float32)
+    if RELU_BN:  # STRIDE == 1: output pixel m is input pixel m, so chunks are runs of STATS_ROWS pixels
+        in_scale = tl.load(in_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        in_shift = tl.load(in_shift_ptr + offs_n, mask=mask_n, other=0.0)
+        in_mean = tl.load(in_mean_ptr + offs_n, mask=mask_n, other=0.0)
+        in_invstd = tl.load(in_invstd_ptr + offs_n, mask=mask_n, other=0.0)
+        z_in = tl.load(zin_ptr + da_offs, mask=valid, other=0.0)
+        acc, sum_g, sum_gx = relu_bn_grad_sums(acc, z_in, valid, in_scale, in_shift, in_mean, in_invstd,
+                                               da_ptr.dtype.element_ty, _LOG2_STATS_ROWS)
+        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
+        part = offs_t[:, None] * C_in + offs_n[None, :]
+        keep = (offs_t * _STATS_ROWS < M)[:, None] & mask_n[None, :]
+        tl.store(sum_g_ptr + part, sum_g, mask=keep)
+        tl.store(sum_gx_ptr + part, sum_gx, mask=keep)
+    tl.store(da_ptr + da_offs, acc.to(da_ptr.dtype.element_ty), mask=valid)
 
 
 @autotune(configs=wgrad_configs(), prune_configs_by={"early_config_prune": prune_wgrad_configs},
@@ -347,7 +372,8 @@ def _channels_last(*ts):
     return [t.contiguous(memory_format=torch.channels_last) for t in ts]
 
 
-def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, config=None):
+def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residual=None, relu_bn=None,
+                  config=None):
     """dA (N, C_in, H, W), channels-last in weight's dtype: the gradient w.r.t. the input ``a`` of
     z = conv2d(a, weight, stride=stride), dz rebuilt from (g, z) and ``coeffs = (scale, shift, k1,
     k0)`` (float32, (C_out,)) as in the module docstring, with the ReLU mask when ``mask``.
@@ -355,6 +381,14 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, config=
     g, z: (N, C_out, Ho, Wo), one dtype; weight: (C_out, C_in, 1, 1) of that dtype; x_shape:
     (N, C_in, H, W). Input pixels the conv did not read (stride 2) get 0. ``config`` forces one
     triton.Config (BLOCK_M, BLOCK_N) instead of autotuning (tests).
+
+    Epilogues, in float32 before dA is rounded:
+    * ``residual`` (N, C_in, H, W) of g's dtype is added (the bottleneck's shortcut gradient);
+    * ``relu_bn = (z_in, scale, shift, mean, invstd)`` says the conv read a = relu(z_in·scale +
+      shift), BatchNorm + ReLU of z_in (N, C_in, H, W) with batch ``mean``/``invstd`` (float32,
+      (C_in,)); stride 1 only. dA then carries that ReLU's mask, and the call returns
+      ``(dA, (Σg, Σg·x̂))``: BatchNorm's backward sums over the pixels (float32, (C_in,)), from
+      per-chunk partials (``kernels._stats.relu_bn_grad_sums``) summed in a fixed order.
     """
     _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_M", "BLOCK_N"))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != g.shape[1] \
@@ -368,22 +402,40 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, config=
         raise ValueError(f"x_shape has C_in={x_shape[1]} but weight has C_in={weight.shape[1]}")
     _check_spatial(x_shape, g, stride, "x_shape")
     n, c_in, h, w = x_shape
+    if residual is not None:
+        _check_like("residual", residual, g, "g", x_shape)
+    if relu_bn is not None:
+        if stride != 1:
+            raise ValueError(f"relu_bn needs stride 1 (its sums run over output pixels), got stride {stride}")
+        if not isinstance(relu_bn, (tuple, list)) or len(relu_bn) != 5:
+            raise ValueError(f"relu_bn must be (z_in, scale, shift, mean, invstd), got {_describe(relu_bn)}")
+        _check_like("relu_bn (z_in)", relu_bn[0], g, "g", x_shape)
+        for name, t in zip(("scale", "shift", "mean", "invstd"), relu_bn[1:]):
+            _check_vector(f"relu_bn ({name})", t, c_in, "C_in", g.device)
     _, c_out, ho, wo = g.shape
     da = torch.empty((n, c_in, h, w), device=g.device, dtype=weight.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
+    sums = grad_sums_partials(triton.cdiv(m, STATS_ROWS), c_in, g.device) if relu_bn is not None else None
     if m == 0:
-        return da
+        return da if sums is None else (da, (sums[0].sum(0), sums[1].sum(0)))
     g, z = _channels_last(g, z)
     w2d = weight.reshape(c_out, c_in).contiguous()
+    res = _channels_last(residual)[0] if residual is not None else da
+    if relu_bn is not None:
+        z_in, *vectors = relu_bn
+        epilogue = [_channels_last(z_in)[0], *(v.contiguous() for v in vectors), *sums]
+    else:
+        epilogue = [da] + [coeffs[0]] * 6
 
     def grid(meta):  # axis 1: the stride classes (hi % 2, wi % 2)
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]), stride * stride
     launch(
         _dgrad_kernel, grid, config,
-        g, z, w2d, *(c.contiguous() for c in coeffs), da, h, w, ho, wo, m, c_in, c_out, stride,
-        shape_bucket(m), MASK=mask, BLOCK_K=k_tile(c_out), **dot_options(weight.dtype),
+        g, z, w2d, *(c.contiguous() for c in coeffs), da, res, *epilogue, h, w, ho, wo, m, c_in, c_out, stride,
+        shape_bucket(m), MASK=mask, RESIDUAL=residual is not None, RELU_BN=relu_bn is not None,
+        BLOCK_K=k_tile(c_out), **dot_options(weight.dtype),
     )
-    return da
+    return da if sums is None else (da, (sums[0].sum(0), sums[1].sum(0)))
 
 
 def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scale=None, in_shift=None,

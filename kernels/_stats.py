@@ -48,6 +48,30 @@ def chunk_stats(acc, valid_rows, rows_left, CHUNK: tl.constexpr, LOG2_CHUNK: tl.
 
 
 @triton.jit
+def relu_bn_grad_sums(da, z, valid, scale, shift, mean, invstd, OUT_DTYPE: tl.constexpr,
+                      LOG2_CHUNK: tl.constexpr):
+    """The epilogue of a dgrad whose conv read a = relu(bn(z)): BatchNorm's backward sums per chunk.
+
+    ``da`` (BLOCK_M, C) float32 is the gradient w.r.t. a, ``z`` the BN's input at the same
+    positions, ``valid`` (BLOCK_M, C) where both exist. Returns g = da·[z·scale + shift > 0]
+    rounded to OUT_DTYPE (what the kernel stores; the sums are of the stored values, so that the
+    rebuilt dz sums to zero over the batch as BatchNorm's does) in float32, and per chunk of
+    2**LOG2_CHUNK rows Σ g and Σ g·x̂, x̂ = (z − mean)·invstd, each (BLOCK_M / 2**LOG2_CHUNK, C),
+    summed by the fixed pairwise tree of ``chunk_stats``: the same bits whatever the pixel tile.
+    """
+    z = z.to(tl.float32)
+    g = tl.where(valid & (z * scale[None, :] + shift[None, :] > 0), da.to(OUT_DTYPE).to(tl.float32), 0.0)
+    gx = g * ((z - mean[None, :]) * invstd[None, :])
+    return g, _pairwise_row_sums(g, LOG2_CHUNK), _pairwise_row_sums(gx, LOG2_CHUNK)
+
+
+def grad_sums_partials(chunks, c, device):
+    """Empty (Σg, Σg·x̂) partial buffers of ``relu_bn_grad_sums``, one row per chunk."""
+    return (torch.empty((chunks, c), device=device, dtype=torch.float32),
+            torch.empty((chunks, c), device=device, dtype=torch.float32))
+
+
+@triton.jit
 def _merge_kernel(
     mean_ptr, m2_ptr,  # (T, C) float32 partials, each over CHUNK_ROWS pixels (fewer for the last)
     bn_weight_ptr, bn_bias_ptr,  # (C,) float32, read when FINALIZE
