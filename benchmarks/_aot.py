@@ -120,8 +120,8 @@ _ORIGINAL = {}
 
 
 # (module, function) of the input checks that refuse CPU tensors with the interpreter off
-_CPU_CHECKS = (("kernels.grouped_conv_bn_relu", "_check_inputs"), ("kernels._conv1x1", "_check_inputs"),
-               ("kernels._conv1x1_bwd", "_check_activation"), ("kernels._tail", "_check_activation"))
+_CPU_CHECKS = (("kernels.grouped_conv_bn_relu", "_check_inputs"), ("kernels.conv1x1.forward", "_check_inputs"),
+               ("kernels.conv1x1.backward", "_check_activation"), ("kernels.batchnorm.tail", "_check_activation"))
 
 
 def install():
@@ -368,20 +368,20 @@ MODES = {
     "train": (True, True, True),
     "train_no_grad": (True, False, False),
     "frozen_bn": (False, True, True),
-    # the whole bottleneck (kernels/_bottleneck.py) whose grouped conv has this shape
+    # the whole bottleneck (kernels/bottleneck.py) whose grouped conv has this shape
     "block_inference": (False, False, False),
     "block_train": (True, True, True),
 }
 
 
 def _run_block(mode, shape, n, dtype):
-    """The fused bottleneck (kernels/_bottleneck.py) whose grouped conv is ``shape``: a stride-2
+    """The fused bottleneck (kernels/bottleneck.py) whose grouped conv is ``shape``: a stride-2
     shape is its stage's first block (projection from planes·2 channels), a stride-1 shape an
     identity block."""
     import torch.nn as nn
 
     import resnext
-    from kernels._bottleneck import fused_bottleneck
+    from kernels.bottleneck import fused_bottleneck
 
     training, grad, backward = MODES[mode]
     planes = 64 * 2 ** (shape.stage - 1)

@@ -12,7 +12,7 @@ compile every shipped config (``benchmarks/_aot.py`` has the hooks). Nothing is 
 
 Writes ``compile-sm90.json`` (``{"meta": {"triton", "kernels_hash", ...}, "records": [...]}``,
 one record per compiled kernel) and ``compile-sm90.md`` beside it for reviewers. Regenerate
-whenever ``kernels/`` changes: ``kernels_hash`` (sha256 of ``kernels/*.py`` in sorted path order)
+whenever ``kernels/`` changes: ``kernels_hash`` (sha256 of ``kernels/**/*.py`` in sorted path order)
 is how a test tells a stale report. Exits 1 when a config autotuning keeps overflows shared
 memory or fails to compile, or the op fails in some mode.
 """
@@ -44,9 +44,9 @@ QUICK_DTYPES = ("bfloat16", "float16")
 
 
 def kernels_hash(root=ROOT):
-    """sha256 of the bytes of ``kernels/*.py`` concatenated in sorted path order."""
+    """sha256 of the bytes of ``kernels/**/*.py`` concatenated in sorted path order."""
     digest = hashlib.sha256()
-    for path in sorted((Path(root) / "kernels").glob("*.py"), key=lambda p: p.as_posix()):
+    for path in sorted((Path(root) / "kernels").rglob("*.py"), key=lambda p: p.as_posix()):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -134,7 +134,7 @@ def write_markdown(path, meta, records, failures):
           f"`python -m benchmarks.compile_report{flags}` with triton {meta['triton']} "
           f"for `{meta['target']}`, batch {meta['batch']}, {len(records)} compiles in {meta['runtime_s']:.0f} s; "
           f"float32 convs {'in TF32 (torch.backends.cudnn.allow_tf32, on by default)' if meta['float32_tf32'] else 'in IEEE float32'}. "
-          f"kernels_hash `{meta['kernels_hash'][:16]}…`: stale when it differs from the hash of `kernels/*.py` "
+          f"kernels_hash `{meta['kernels_hash'][:16]}…`: stale when it differs from the hash of `kernels/**/*.py` "
           "(`tests/test_compile_sm90.py` checks).", "",
           "Each row is one kernel (and the constexpr variant that tells its launches apart) at one ResNeXt "
           "grouped-conv shape, with the *kept* config (autotuning's prune keeps it) that neither spills nor "
@@ -200,7 +200,7 @@ def _defined_kernels():
     """Module-level Triton kernels of ``kernels/`` (named ``*_kernel``, the house style), found
     without importing them: their source's ``def`` lines under a Triton decorator."""
     names = set()
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
         names.update(re.findall(r"@triton\.jit[^\n]*\ndef\s+(\w+_kernel)\s*\(", path.read_text()))
     return names
 
@@ -214,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"only {', '.join(' '.join(s) for s in QUICK_SHAPES)}, for the test")
     parser.add_argument("--blocks", action="store_true",
-                        help="compile the whole fused bottleneck (kernels/_bottleneck.py: the 1x1 GEMMs, the "
+                        help="compile the whole fused bottleneck (kernels/bottleneck.py: the 1x1 GEMMs, the "
                              "tail, the grouped conv with its prologue) whose grouped conv has each shape, into "
                              f"{NAME}-blocks.{{json,md}}")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),

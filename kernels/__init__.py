@@ -1,4 +1,8 @@
-"""Triton kernels for ResNeXt's grouped 3x3 conv + BatchNorm + ReLU.
+"""Triton kernels for ResNeXt's grouped 3x3 conv + BatchNorm + ReLU, and for its whole bottleneck.
+
+Public: ``kernels.grouped_conv_bn_relu`` (the fused op, function and module) and
+``kernels.bottleneck`` (the fused bottleneck, function and module). The kernels live by family in
+``conv3x3/``, ``conv1x1/`` and ``batchnorm/``, with shared Triton helpers in ``common.py``.
 
 The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter. Triton decides
 which when a kernel is *decorated*, i.e. when ``kernels.grouped_conv_bn_relu`` is imported, so the
@@ -17,7 +21,8 @@ import sys
 
 __all__ = ["enable_interpreter", "interpreter_enabled", "auto_select_backend"]
 
-_KERNEL_MODULES = ("kernels.grouped_conv_bn_relu",)
+# any of these imported means Triton kernels are already decorated (kernels.common: every family's)
+_KERNEL_MODULES = ("kernels.grouped_conv_bn_relu", "kernels.bottleneck", "kernels.common")
 
 
 def interpreter_enabled() -> bool:

@@ -13,11 +13,11 @@ Computes exactly::
   and folds the batch statistics into scale/shift; a pointwise pass writes y = relu(z·scale + shift).
   Under ``torch.no_grad`` z is not stored: the statistics pass writes nothing and a second conv
   pass applies BN + ReLU in its epilogue.
-* Backward (training or frozen BN): see ``kernels/_bwd.py``. Saved: x, weight, z and four
+* Backward (training or frozen BN): see ``kernels/conv3x3/backward.py``. Saved: x, weight, z and four
   per-channel vectors. No PyTorch convolution is called anywhere.
 
 Layout: the kernels work on channels-last (NHWC) tensors, an implicit GEMM per filter tap with
-several groups packed block-diagonally per tile (``kernels/_conv_tiles.py``). NCHW inputs are
+several groups packed block-diagonally per tile (``kernels/conv3x3/tiles.py``). NCHW inputs are
 converted to channels-last on entry and the results back, which costs extra passes: feed
 channels-last tensors for speed.
 
@@ -68,8 +68,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import _bwd, _fwd
-from ._conv_tiles import INTERPRET
+from .batchnorm import pointwise
+from .batchnorm.stats import bn_stats
+from .common import INTERPRET
+from .conv3x3 import backward, forward
 
 __all__ = ["grouped_conv_bn_relu", "grouped_conv_bn_relu_modules", "GroupedConvBNReLU"]
 
@@ -217,7 +219,7 @@ def _on_device(t):
 
 def _new_output(x, weight, stride, padding):
     """An uninitialised y: (N, C_out, H_out, W_out) in x's dtype and conv2d's layout."""
-    ho, wo = (_fwd.out_size(size, stride, padding) for size in x.shape[2:])
+    ho, wo = (forward.out_size(size, stride, padding) for size in x.shape[2:])
     shape = (x.shape[0], weight.shape[0], ho, wo)
     return torch.empty_strided(shape, _output_strides(x, weight, shape), dtype=x.dtype, device=x.device)
 
@@ -236,7 +238,7 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
     _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
                                   running_var=running_var), stride, padding, groups, eps, momentum, training)
     n, c_out = x.shape[0], weight.shape[0]
-    ho, wo = (_fwd.out_size(size, stride, padding) for size in x.shape[2:])
+    ho, wo = (forward.out_size(size, stride, padding) for size in x.shape[2:])
     y_strides = _output_strides(x, weight, (n, c_out, ho, wo))
     if n == 0:  # an empty batch: an empty output and zero gradients, as in PyTorch
         y = _new_output(x, weight, stride, padding)
@@ -250,9 +252,9 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
     w = weight.contiguous()
     z = None
     if training:
-        store = _fwd.STORE_Z if save else _fwd.STORE_NOTHING
-        z, partials = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=store, compute_stats=True)
-        mean, invstd, scale, shift = _fwd.bn_stats(partials, n * ho * wo, bn_weight, bn_bias, running_mean,
+        store = forward.STORE_Z if save else forward.STORE_NOTHING
+        z, partials = forward.conv_forward(x_cl, w, groups, stride, padding, store=store, compute_stats=True)
+        mean, invstd, scale, shift = bn_stats(partials, n * ho * wo, bn_weight, bn_bias, running_mean,
                                                    running_var, eps, momentum)
     else:
         # frozen statistics: fold them (a handful of per-channel float32 ops)
@@ -261,12 +263,12 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
         scale = bn_weight * invstd
         shift = bn_bias - mean * scale
     if not save:
-        y, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_BN_RELU,
+        y, _ = forward.conv_forward(x_cl, w, groups, stride, padding, store=forward.STORE_BN_RELU,
                                  scale=scale, shift=shift)
         return _with_strides(y, y_strides), None, None
     if z is None:
-        z, _ = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_Z)
-    y = _fwd.bn_relu(z, scale, shift)
+        z, _ = forward.conv_forward(x_cl, w, groups, stride, padding, store=forward.STORE_Z)
+    y = pointwise.bn_relu(z, scale, shift)
     # one tensor, not four: a custom op's outputs may not alias each other (nor its inputs)
     return _with_strides(y, y_strides), z, torch.stack((mean, invstd, scale, shift))
 
@@ -286,15 +288,15 @@ def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x
     dy = dy.contiguous(memory_format=torch.channels_last)
     if dy.dtype != z.dtype:
         dy = dy.to(z.dtype)
-    sum_g, sum_gx = _bwd.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
+    sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
     count = z.shape[0] * z.shape[2] * z.shape[3]
-    coeffs = (scale, shift, *_bwd.bn_backward_coeffs((sum_g, sum_gx), scale, mean, invstd, count, training))
-    dz = _bwd.bn_relu_bwd(dy, z, coeffs) if _bwd.MATERIALIZE_DZ and (need_x or need_w) else None
+    coeffs = (scale, shift, *pointwise.bn_backward_coeffs((sum_g, sum_gx), scale, mean, invstd, count, training))
+    dz = pointwise.bn_relu_bwd(dy, z, coeffs) if backward.MATERIALIZE_DZ and (need_x or need_w) else None
     if need_x:
-        dx = _with_strides(_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
+        dx = _with_strides(backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
                            dx_strides)
     if need_w:
-        dw = _bwd.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs, groups,
+        dw = backward.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs, groups,
                           stride, padding, dz=dz)
     # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
     return dx, dw, sum_gx, sum_g
@@ -470,9 +472,9 @@ def _sync_group(bn):
 
 def _sync_call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps, momentum,
                group):
-    """The training-mode op over a process group (``kernels/_sync_bn.py``), checked and autocast as
+    """The training-mode op over a process group (``kernels/_grouped_conv_bn_relu_sync.py``), checked and autocast as
     ``grouped_conv_bn_relu`` is."""
-    from ._sync_bn import sync_grouped_conv_bn_relu
+    from ._grouped_conv_bn_relu_sync import sync_grouped_conv_bn_relu
 
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -507,7 +509,7 @@ def grouped_conv_bn_relu_modules(x, conv, bn):
     Does nn.BatchNorm2d's bookkeeping too: ``bn.training``, ``num_batches_tracked``, momentum=None
     (cumulative moving average) and ``track_running_stats=False`` behave as in PyTorch. An
     ``nn.SyncBatchNorm`` in training mode inside an initialised process group of more than one
-    rank normalises with the statistics of the global batch (``kernels/_sync_bn.py``; on CUDA with
+    rank normalises with the statistics of the global batch (``kernels/_grouped_conv_bn_relu_sync.py``; on CUDA with
     NCCL, and on CPU with gloo); otherwise it behaves as nn.BatchNorm2d, as PyTorch's does.
     """
     _check_modules(conv, bn)

@@ -54,8 +54,8 @@ def _fused_op():
 
 
 def _fused_block():
-    """The whole bottleneck through the Triton kernels (``kernels/_bottleneck.py``)."""
-    from kernels._bottleneck import fused_bottleneck
+    """The whole bottleneck through the Triton kernels (``kernels/bottleneck.py``)."""
+    from kernels.bottleneck import fused_bottleneck
 
     return fused_bottleneck
 
@@ -89,7 +89,7 @@ class Bottleneck(nn.Module):
 
     ``fused_kernels`` (a plain attribute, not a submodule): False; "conv" (or True) routes
     conv2 -> bn2 -> ReLU through the fused Triton op with the very same ``conv2``/``bn2`` modules;
-    "block" runs the whole block through the Triton kernels (``kernels/_bottleneck.py``), with the
+    "block" runs the whole block through the Triton kernels (``kernels/bottleneck.py``), with the
     same modules, parameters and buffers.
     """
 
@@ -272,8 +272,24 @@ def _set_fused(model: nn.Module, value, strict: bool = True) -> nn.Module:
         for _, block in theirs:
             if id(block) not in refused_ids:
                 _patch.patch_block(block)
+    left = set()
+    if value == "block":
+        from kernels.bottleneck import unfusable_reason
+
+        names = {id(m): name for name, m in model.named_modules()}
+        refused = [(names[id(b)], why) for b in ours if (why := unfusable_reason(b)) is not None]
+        if refused:  # as above: all or nothing when strict
+            lines = "\n".join(f"  {name}: {why}" for name, why in refused)
+            if strict or len(refused) == len(ours):
+                hint = ("; fuse_kernels(model, level='block', strict=False) fuses the others and leaves these "
+                        "to PyTorch" if len(refused) < len(ours) else "")
+                raise ValueError(f"{type(model).__name__}: the fused bottleneck cannot compute {len(refused)} of "
+                                 f"its {len(ours)} blocks exactly, nothing was changed{hint}:\n{lines}")
+            warnings.warn(f"fuse_kernels: left {len(refused)} of {len(ours)} blocks of {type(model).__name__} "
+                          f"to PyTorch:\n{lines}", stacklevel=3)
+            left = {id(b) for b in ours if unfusable_reason(b) is not None}
     for block in ours:
-        block.fused_kernels = value
+        block.fused_kernels = False if id(block) in left else value
     return model
 
 
@@ -282,7 +298,7 @@ def fuse_kernels(model: nn.Module, strict: bool = True, level: str = "conv") -> 
 
     ``level="block"`` runs each whole :class:`Bottleneck` through the Triton kernels instead (1x1
     GEMMs with BatchNorm statistics in their epilogues and BN + ReLU applied as the next conv loads
-    its input; ``kernels/_bottleneck.py``): no PyTorch convolution or BatchNorm inside a block.
+    its input; ``kernels/bottleneck.py``): no PyTorch convolution or BatchNorm inside a block.
     This package's blocks only, for now.
 
     Blocks: this package's :class:`Bottleneck`, and torchvision's and timm's ResNet ``Bottleneck``

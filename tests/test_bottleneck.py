@@ -1,8 +1,8 @@
-"""The whole bottleneck through the Triton kernels (kernels/_bottleneck.py) against the eager
+"""The whole bottleneck through the Triton kernels (kernels/bottleneck.py) against the eager
 ``resnext.Bottleneck`` with the same modules: output, every parameter's gradient, dx and the
 running statistics, in training and eval mode, with and without the projection shortcut.
 
-Judged against a float64 copy of the eager block: our float32 error within a few times PyTorch's own
+Judged against a float64 copy of the eager block: our float32 error within 2x PyTorch's own
 float32 error (BatchNorm over few pixels amplifies rounding; a fixed tolerance would test
 conditioning), plus a floor of 1e-6 of each tensor's scale."""
 
@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 import resnext
-from kernels._bottleneck import fused_bottleneck
+from _helpers import INTERPRET
+from kernels.bottleneck import FusedBottleneck, fused_bottleneck, unfusable_reason
 
 CASES = [
     # (inplanes, planes, stride, groups, width_per_group, n, hw): identity; projection with stride 2
@@ -51,14 +52,14 @@ def _run(block, x, dy, fused):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_bottleneck_matches_the_eager_block(case, train):
+def test_fused_bottleneck_matches_the_eager_block(case, train, device):
     inplanes, planes, stride, groups, wpg, n, hw = case
-    block = _block(inplanes, planes, stride, groups, wpg).train(train)
+    block = _block(inplanes, planes, stride, groups, wpg).train(train).to(device)
     eager, ref = copy.deepcopy(block), copy.deepcopy(block).double()
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(n, inplanes, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, inplanes, hw, hw, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     ho = (hw - 1) // stride + 1
-    dy = torch.randn(n, planes * 4, ho, ho, generator=g)
+    dy = torch.randn(n, planes * 4, ho, ho, generator=g).to(device)
     ours, theirs, exact = _run(block, x, dy, True), _run(eager, x, dy, False), _run(ref, x.double(), dy, False)
     assert ours.keys() == exact.keys()
     for k in exact:
@@ -68,15 +69,15 @@ def test_fused_bottleneck_matches_the_eager_block(case, train):
         scale = max(exact[k].abs().max().item(), 1e-30)
         err_ours = (ours[k].double() - exact[k]).abs().max().item()
         err_torch = (theirs[k].double() - exact[k]).abs().max().item()
-        assert err_ours <= 4 * err_torch + 1e-6 * scale, f"{k}: {err_ours:.3g} vs PyTorch's {err_torch:.3g}"
+        assert err_ours <= 2 * err_torch + 1e-6 * scale, f"{k}: {err_ours:.3g} vs PyTorch's {err_torch:.3g}"
 
 
-def test_block_level_model_matches_eager_and_unfuses():
+def test_block_level_model_matches_eager_and_unfuses(device):
     """create_model(..., fused_kernels="block"): every Bottleneck through the kernels (no PyTorch
-    convolution inside a block), the eager model's outputs, gradients and buffers within a few times
+    convolution inside a block), the eager model's outputs, gradients and buffers within 2x
     PyTorch's own float32 error; unfuse_kernels restores the eager blocks; bad levels are refused."""
     torch.manual_seed(0)
-    model = resnext.create_model("resnext_tiny", num_classes=10, fused_kernels="block")
+    model = resnext.create_model("resnext_tiny", num_classes=10, fused_kernels="block").to(device)
     blocks = [m for m in model.modules() if isinstance(m, resnext.Bottleneck)]
     assert blocks and all(b.fused_kernels == "block" for b in blocks)
     eager = resnext.unfuse_kernels(copy.deepcopy(model))
@@ -85,8 +86,8 @@ def test_block_level_model_matches_eager_and_unfuses():
     convs = []
     hooks = [m.register_forward_hook(lambda m, a, o: convs.append(m)) for b in blocks for m in b.modules()
              if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    head = torch.randn(4, 10, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(device)
+    head = torch.randn(4, 10, generator=torch.Generator().manual_seed(4)).to(device)
     outs = []
     for m, xi in ((model, x), (eager, x), (ref, x.double())):
         xi = xi.clone().requires_grad_()
@@ -100,7 +101,7 @@ def test_block_level_model_matches_eager_and_unfuses():
             assert torch.equal(a, c), i
             continue
         err, torch_err = (a.double() - c).abs().max().item(), (b.double() - c).abs().max().item()
-        assert err <= 4 * torch_err + 1e-6 * max(c.abs().max().item(), 1e-30), (i, err, torch_err)
+        assert err <= 2 * torch_err + 1e-6 * max(c.abs().max().item(), 1e-30), (i, err, torch_err)
     with pytest.raises(ValueError, match="level must be one of"):
         resnext.fuse_kernels(eager, level="bottleneck")
     with pytest.raises(ValueError, match="fused_kernels must be False, True, 'conv' or 'block'"):
@@ -108,18 +109,18 @@ def test_block_level_model_matches_eager_and_unfuses():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_bottleneck_under_float16_autocast(case):
+def test_fused_bottleneck_under_float16_autocast(case, device):
     """Under torch.autocast(float16) the block runs in float16 (float32 accumulation and BatchNorm
     statistics): every output, gradient and running statistic within 2x the error of PyTorch's own
     autocast run, both against a float64 copy of the block."""
     inplanes, planes, stride, groups, wpg, n, hw = case
-    block = _block(inplanes, planes, stride, groups, wpg).train()
+    block = _block(inplanes, planes, stride, groups, wpg).train().to(device)
     eager, ref = copy.deepcopy(block), copy.deepcopy(block).double()
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(n, inplanes, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, inplanes, hw, hw, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     ho = (hw - 1) // stride + 1
-    dy = torch.randn(n, planes * 4, ho, ho, generator=g)
-    with torch.autocast("cpu", dtype=torch.float16):
+    dy = torch.randn(n, planes * 4, ho, ho, generator=g).to(device)
+    with torch.autocast(device, dtype=torch.float16):
         ours, theirs = _run(block, x, dy, True), _run(eager, x, dy, False)
     exact = _run(ref, x.double(), dy, False)
     assert ours["y"].dtype == theirs["y"].dtype == torch.float16
@@ -130,3 +131,110 @@ def test_fused_bottleneck_under_float16_autocast(case):
         err_torch = (theirs[k].double() - exact[k]).abs().max().item()
         ulp = torch.finfo(torch.float16).eps * max(exact[k].abs().max().item(), 1e-30)
         assert err_ours <= 2 * err_torch + ulp, f"{k}: {err_ours:.3g} vs PyTorch's {err_torch:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_bottleneck_module(case, device):
+    """FusedBottleneck: from_block shares the block's modules (same parameters, same result bit for
+    bit); a new one has resnext.Bottleneck's state_dict keys and, loaded with a block's state, gives
+    that block's fused result bit for bit."""
+    inplanes, planes, stride, groups, wpg, n, hw = case
+    block = _block(inplanes, planes, stride, groups, wpg).to(device)
+    x = torch.randn(n, inplanes, hw, hw, generator=torch.Generator().manual_seed(6)).to(device)
+    wrapped = FusedBottleneck.from_block(block)
+    assert wrapped.conv2 is block.conv2 and wrapped.bn3 is block.bn3 and wrapped.training
+    assert list(wrapped.state_dict()) == list(block.state_dict())
+    width = block.conv1.out_channels
+    fresh = FusedBottleneck(inplanes, width, planes * 4, stride, groups).to(device)
+    assert list(fresh.state_dict()) == list(block.state_dict())
+    fresh.load_state_dict(block.state_dict())
+    for mode in (True, False):
+        eager_state = copy.deepcopy(block.state_dict())
+        y_block = fused_bottleneck(x, block.train(mode))
+        block.load_state_dict(eager_state)  # undo the running-statistics update
+        assert torch.equal(wrapped.train(mode)(x), y_block)
+        assert torch.equal(fresh.train(mode)(x), y_block)
+    assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), fresh.state_dict().values()))
+
+
+def _sync_bn(bn):
+    sync = nn.SyncBatchNorm(bn.num_features)
+    sync.load_state_dict(bn.state_dict())
+    return sync
+
+
+UNFUSABLE = [  # (id, change to the block, what the error names)
+    ("conv1-bias", lambda b: setattr(b, "conv1", nn.Conv2d(b.conv1.in_channels, b.conv1.out_channels, 1)),
+     "conv1 has a bias"),
+    ("conv2-dilated", lambda b: setattr(b.conv2, "dilation", (2, 2)), r"conv2.dilation is \(2, 2\)"),
+    ("conv2-stride3", lambda b: setattr(b.conv2, "stride", (3, 3)), "conv2.stride is"),
+    ("sync-bn", lambda b: setattr(b, "bn2", _sync_bn(b.bn2)), "bn2 is SyncBatchNorm, not nn.BatchNorm2d"),
+    ("no-bn", lambda b: setattr(b, "bn3", nn.Identity()), "bn3 is Identity"),
+    ("downsample-3", lambda b: setattr(b, "downsample", nn.Sequential(*b.downsample, nn.ReLU())),
+     "downsample is Sequential, not Sequential"),
+    ("downsample-stride", lambda b: setattr(b.downsample[0], "stride", (1, 1)), r"downsample\[0\].stride"),
+]
+
+
+@pytest.mark.parametrize("change, message", [pytest.param(*u[1:], id=u[0]) for u in UNFUSABLE])
+def test_unfusable_blocks_are_refused_naming_why(change, message, device):
+    """A block the kernels cannot compute exactly is an error naming the module and why, from the
+    function, the module and fuse_kernels(level='block') (which then changes nothing); strict=False
+    leaves that block to PyTorch with a warning and fuses the rest."""
+    block = _block(16, 8, 2, 4, 8)
+    assert unfusable_reason(block) is None
+    change(block)
+    assert unfusable_reason(block) is not None
+    x = torch.randn(2, 16, 7, 7, device=device)
+    with pytest.raises(ValueError, match=message):
+        fused_bottleneck(x, block.to(device))
+    with pytest.raises(ValueError, match=message):
+        FusedBottleneck.from_block(block)
+    model = resnext.create_model("resnext_tiny", num_classes=10)
+    first = model.layer2[0]  # stride 2, with a projection shortcut
+    assert unfusable_reason(first) is None
+    change(first)
+    blocks = [m for m in model.modules() if isinstance(m, resnext.Bottleneck)]
+    with pytest.raises(ValueError, match=f"cannot compute 1 of its {len(blocks)} blocks exactly, nothing was changed"):
+        resnext.fuse_kernels(model, level="block")
+    assert not any(b.fused_kernels for b in blocks)
+    with pytest.warns(UserWarning, match="left 1 of"):
+        resnext.fuse_kernels(model, level="block", strict=False)
+    assert [b.fused_kernels for b in blocks] == ["block" if b is not first else False for b in blocks]
+
+
+def test_fused_bottleneck_checks_x(device):
+    block = _block(32, 8, 1, 4, 8).to(device)
+    with pytest.raises(ValueError, match=r"x must be a 4-D \(N, C=32, H, W\) tensor, got shape \(2, 16, 6, 6\)"):
+        fused_bottleneck(torch.randn(2, 16, 6, 6, device=device), block)
+
+
+@pytest.mark.skipif(INTERPRET, reason="resnext50_32x4d's 16 fused blocks take ~7 minutes under Triton's "
+                    "interpreter (the 2-core CI runs resnext_tiny's, above); runs on the GPU")
+def test_block_level_resnext50_within_2x_pytorch_float32_error(device):
+    """resnext50_32x4d with every bottleneck fused, one training step's forward and backward (batch 2,
+    64x64 images, training BatchNorm): outputs, dx, every gradient and buffer against a float64 copy,
+    our float32 error within 2x PyTorch's own float32 error (+1e-6 of each tensor's scale)."""
+    torch.manual_seed(0)
+    eager = resnext.create_model("resnext50_32x4d", num_classes=10).to(device)
+    fused = resnext.fuse_kernels(copy.deepcopy(eager), level="block")
+    ref = copy.deepcopy(eager).double()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)).to(device)
+    head = torch.randn(2, 10, generator=torch.Generator().manual_seed(8)).to(device)
+    outs = []
+    for m, xi in ((fused, x), (eager, x), (ref, x.double())):
+        xi = xi.clone().requires_grad_()
+        y = m(xi)
+        (y * head.to(xi.dtype)).sum().backward()
+        outs.append([y.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers()))
+    names = ["y", "dx"] + [f"d.{k}" for k, _ in eager.named_parameters()] + [f"b.{k}" for k, _ in eager.named_buffers()]
+    worst = 0.0
+    for name, a, b, c in zip(names, *outs):
+        if not c.is_floating_point():
+            assert torch.equal(a, c), name
+            continue
+        err, torch_err = (a.double() - c).abs().max().item(), (b.double() - c).abs().max().item()
+        floor = 1e-6 * max(c.abs().max().item(), 1e-30)
+        assert err <= 2 * torch_err + floor, f"{name}: {err:.3g} vs PyTorch's {torch_err:.3g}"
+        worst = max(worst, err / (torch_err + floor))
+    assert worst > 0  # the comparison saw rounding at all

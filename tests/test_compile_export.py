@@ -26,7 +26,8 @@ from torch._inductor.compile_fx import compile_fx
 
 import resnext
 from _helpers import INTERPRET, Shape, gpu_only, make_inputs
-from kernels import _autotune, _bwd, _fwd
+from kernels import _autotune
+from kernels.conv3x3 import backward as conv_bwd, forward as conv_fwd
 from kernels.grouped_conv_bn_relu import GroupedConvBNReLU, grouped_conv_bn_relu
 
 OP = torch.ops.resnext_fused.grouped_conv_bn_relu.default
@@ -389,7 +390,7 @@ def test_autotuned_kernels_keep_their_results_on_disk(monkeypatch):
     """Every autotuned kernel of the op is made by ``kernels._autotune.autotune``, which asks Triton
     to cache its results (Triton ignores that under its interpreter, where each kernel has one
     config); ``RESNEXT_AUTOTUNE_CACHE=0`` turns it off."""
-    tuners = {name: obj for mod in (_fwd, _bwd) for name, obj in vars(mod).items()
+    tuners = {name: obj for mod in (conv_fwd, conv_bwd) for name, obj in vars(mod).items()
               if isinstance(obj, triton.runtime.Autotuner)}
     assert {"_fwd_kernel", "_bwd_dx_kernel", "_bwd_dw_kernel"} <= set(tuners)
     assert _autotune.SUPPORTS_CACHE  # triton 3.6 and 3.9 both have cache_results

@@ -165,7 +165,7 @@ COMMITTED_BLOCKS = COMMITTED.with_name("compile-sm90-blocks.json")
 
 def test_committed_block_report_is_fresh_and_usable():
     """``python -m benchmarks.compile_report --blocks``: every kernel of the fused bottleneck
-    (kernels/_bottleneck.py) compiled at every stage; generated from kernels/ as it is, no kept
+    (kernels/bottleneck.py) compiled at every stage; generated from kernels/ as it is, no kept
     config failing or over shared memory, and a kept spill-free config for every half-precision
     (kernel, shape)."""
     assert COMMITTED_BLOCKS.exists(), ("run python -m benchmarks.compile_report --blocks and commit "

@@ -1,4 +1,4 @@
-"""The 1x1 conv GEMM (``kernels._conv1x1``): z, the BN+ReLU prologue and the statistics epilogue
+"""The 1x1 conv GEMM (``kernels.conv1x1.forward``): z, the BN+ReLU prologue and the statistics epilogue
 against PyTorch in float64 on the same (already rounded) inputs."""
 
 import re
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import triton
 
 from _helpers import STATS_TOL, assert_close, assert_within_2x_pytorch, bf16_gpu_only, gpu_only
-from kernels._conv1x1 import conv1x1_configs, conv1x1_forward, k_tile, prune_configs
-from kernels._stats import bn_stats
+from kernels.conv1x1.forward import conv1x1_configs, conv1x1_forward, k_tile, prune_configs
+from kernels.batchnorm.stats import bn_stats
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16", marks=bf16_gpu_only)]
@@ -87,7 +87,7 @@ def test_output_and_statistics(shape, dtype, prologue, device):
                             ("shift", shift, beta - mean_ref * gamma * invstd_ref),
                             ("running_mean", rm, rm_ref), ("running_var", rv, rv_ref)]:
         assert_close(got, want, dtype, name, tol=STATS_TOL)
-    # of z as stored (rounded to dtype), to float32 accuracy: the convention of kernels/_fwd.py
+    # of z as stored (rounded to dtype), to float32 accuracy: the convention of kernels/conv3x3/forward.py
     z_stored = z.double()
     assert_close(mean, z_stored.mean(dim=(0, 2, 3)), torch.float32, "mean of stored z", tol=STATS_TOL)
     assert_close(invstd, (z_stored.var(dim=(0, 2, 3), unbiased=False) + EPS).rsqrt(), torch.float32,

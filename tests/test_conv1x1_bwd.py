@@ -1,4 +1,4 @@
-"""The 1x1 conv backward (``kernels._conv1x1_bwd``): dA and dW with dz rebuilt from (g, z) as they
+"""The 1x1 conv backward (``kernels.conv1x1.backward``): dA and dW with dz rebuilt from (g, z) as they
 are loaded, against PyTorch autograd of conv2d in float64 on the same (already rounded) inputs."""
 
 import re
@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels._conv1x1_bwd as bwd
+import kernels.conv1x1.backward as bwd
 from _helpers import assert_close, assert_within_2x_pytorch, bf16_gpu_only, gpu_only
-from kernels._conv1x1_bwd import (conv1x1_dgrad, conv1x1_wgrad, dgrad_configs, prune_dgrad_configs,
+from kernels.conv1x1.backward import (conv1x1_dgrad, conv1x1_wgrad, dgrad_configs, prune_dgrad_configs,
                                   prune_wgrad_configs, wgrad_configs)
-from kernels._conv1x1 import k_tile
+from kernels.conv1x1.forward import k_tile
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16", marks=bf16_gpu_only)]

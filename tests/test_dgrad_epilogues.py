@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import triton
 
 from _helpers import DTYPES, assert_close
-from kernels import _bwd
-from kernels._conv1x1_bwd import conv1x1_dgrad
+from kernels.conv3x3 import backward as conv_bwd
+from kernels.conv1x1.backward import conv1x1_dgrad
 
 MARGIN = 0.05  # |bn(z_in)| is kept at least this far from the ReLU's kink (float32 vs float64 mask)
 
@@ -133,7 +133,7 @@ def _grouped_problem(shape, dtype, device, seed=0):
 @pytest.mark.parametrize("shape", SHAPES_3X3)
 def test_grouped_dgrad_relu_bn_epilogue(shape, dtype, device):
     z_in, bn, dy, z, coeffs, weight, groups, stride = _grouped_problem(shape, dtype, device)
-    dx, sums = _bwd.conv_dx(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn))
+    dx, sums = conv_bwd.conv_dx(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn))
     assert dx.dtype == dtype and dx.is_contiguous(memory_format=torch.channels_last)
     dx_ref = _reference_da(lambda a: F.conv2d(a, weight.double(), None, stride, 1, 1, groups), z_in.shape,
                            _dz(dy, z, coeffs, True))
@@ -149,7 +149,7 @@ def test_epilogue_sums_do_not_depend_on_the_pixel_tile(device):
     """Two forced pixel tiles (64 and 128 pixels, both whole statistics chunks): the same bits."""
     z_in, bn, dy, z, coeffs, weight, groups, stride = _grouped_problem((2, 32, 32, 1, 12, 11, 2),
                                                                        torch.float32, device, seed=2)
-    runs = [_bwd.conv_dx(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn), config=c)
+    runs = [conv_bwd.conv_dx(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn), config=c)
             for c in _configs(BLOCK_M=[64, 128])]
     gen = torch.Generator().manual_seed(3)
     z1, bn1 = _relu_bn(16, 2, 12, 11, torch.float32, device, gen)

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from kernels import _bwd, _fwd
-from kernels._conv_tiles import (channel_tiles, config_fits, conv_configs, prune_wgrad_configs,
+from kernels.batchnorm.pointwise import bn_relu_bwd
+from kernels.batchnorm.stats import bn_stats
+from kernels.conv3x3 import backward as conv_bwd, forward as conv_fwd
+from kernels.conv3x3.tiles import (channel_tiles, config_fits, conv_configs, prune_wgrad_configs,
                                  wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
 
 CONFIGS = conv_configs(interpret=False)  # forward and dgrad
@@ -68,17 +70,17 @@ def test_forward_every_config(cfg, shape, device):
     _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight = _inputs(device, n, c_in, h, w, c_out, groups)
     z_ref = F.conv2d(x, weight, None, stride, 1, 1, groups)
-    z, stats = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z,
+    z, stats = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z,
                                  compute_stats=True, config=cfg)
     torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
     count = z_ref.numel() // c_out
     beta = torch.randn(c_out, device=device)
-    mean, invstd, scale, shift = _fwd.bn_stats(stats, count, torch.ones(c_out, device=device), beta,
+    mean, invstd, scale, shift = bn_stats(stats, count, torch.ones(c_out, device=device), beta,
                                                None, None, 1e-5, 0.1)
     torch.testing.assert_close(mean, z_ref.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
     var = z_ref.var((0, 2, 3), unbiased=False)
     torch.testing.assert_close(invstd, torch.rsqrt(var + 1e-5), atol=1e-4, rtol=1e-4)
-    y, _ = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_BN_RELU, scale=scale,
+    y, _ = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_BN_RELU, scale=scale,
                              shift=shift, config=cfg)
     torch.testing.assert_close(y, F.relu(z_ref * scale[:, None, None] + shift[:, None, None]),
                                atol=1e-4, rtol=1e-4)
@@ -104,10 +106,10 @@ def test_dgrad_every_config(cfg, shape, dz_in_memory, device):
     n, c_in, h, w, c_out, groups, stride = shape
     _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight, z, dy, coeffs, dz = _backward_inputs(device, shape)
-    dz_kernel = _bwd.bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
+    dz_kernel = bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
     if dz_in_memory:
         torch.testing.assert_close(dz_kernel, dz, atol=1e-5, rtol=1e-5)
-    dx = _bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, dz=dz_kernel, config=cfg)
+    dx = conv_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, dz=dz_kernel, config=cfg)
     torch.testing.assert_close(dx, conv2d_input(x.shape, weight, dz, stride, 1, 1, groups),
                                atol=1e-4, rtol=1e-4)
 
@@ -119,8 +121,8 @@ def test_wgrad_every_config(cfg, shape, dz_in_memory, device):
     n, c_in, h, w, c_out, groups, stride = shape
     _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight, z, dy, coeffs, dz = _backward_inputs(device, shape)
-    dz_kernel = _bwd.bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
-    dw = _bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, dz=dz_kernel, config=cfg)
+    dz_kernel = bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
+    dw = conv_bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, dz=dz_kernel, config=cfg)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dz, stride, 1, 1, groups),
                                atol=1e-3, rtol=1e-4)
 
@@ -137,7 +139,7 @@ def test_stride2_dgrad_parity_classes(hw, padding, device):
     dy = torch.randn_like(z)
     ones, zeros = torch.ones(c_out, device=device), torch.zeros(c_out, device=device)
     coeffs = (ones, torch.full_like(ones, 1e3), zeros, zeros)  # dz = dy
-    dx = _bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding)
+    dx = conv_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding)
     torch.testing.assert_close(dx, conv2d_input(x.shape, weight, dy, stride, padding, 1, groups),
                                atol=1e-4, rtol=1e-4)
 
@@ -151,8 +153,8 @@ def test_weight_grad_pixel_splits(splits, device, monkeypatch):
     z = F.conv2d(x, weight, None, stride, 1, 1, groups).contiguous(memory_format=torch.channels_last)
     dy = torch.randn_like(z)
     ones, zeros = torch.ones(c_out, device=device), torch.zeros(c_out, device=device)
-    monkeypatch.setattr(_bwd, "_num_splits", lambda m, dev: splits)
-    dw = _bwd.conv_dw(x, dy, z, weight, (ones, torch.full_like(ones, 1e3), zeros, zeros), groups,
+    monkeypatch.setattr(conv_bwd, "reduction_splits", lambda m, dev: splits)
+    dw = conv_bwd.conv_dw(x, dy, z, weight, (ones, torch.full_like(ones, 1e3), zeros, zeros), groups,
                       stride, 1)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dy, stride, 1, 1, groups),
                                atol=1e-4, rtol=1e-4)
@@ -162,7 +164,7 @@ def test_weight_grad_pixel_splits(splits, device, monkeypatch):
 @pytest.mark.parametrize("per_group", [4, 32, 64])
 def test_prune_keeps_a_config_within_budget(per_group, dtype):
     """Every tile keeps at least one config, and only configs within the budget survive."""
-    from kernels._conv_tiles import prune_configs
+    from kernels.conv3x3.tiles import prune_configs
 
     block_co, block_ci = channel_tiles(per_group, per_group)
     x = torch.empty(1, dtype=dtype)
@@ -191,13 +193,13 @@ def test_configs_agree_bitwise(shape, dtype, device):
     ones = torch.ones(c_out, device=device)
     results = []
     for conv_cfg, wgrad_cfg in pairs:
-        z_k, stats = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_Z,
+        z_k, stats = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z,
                                        compute_stats=True, config=conv_cfg)
-        bn = _fwd.bn_stats(stats, z_k.numel() // c_out, ones, coeffs[1], None, None, 1e-5, 0.1)
-        y, _ = _fwd.conv_forward(x, weight, groups, stride, 1, store=_fwd.STORE_BN_RELU, scale=bn[2],
+        bn = bn_stats(stats, z_k.numel() // c_out, ones, coeffs[1], None, None, 1e-5, 0.1)
+        y, _ = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_BN_RELU, scale=bn[2],
                                  shift=bn[3], config=conv_cfg)
-        dx = _bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, config=conv_cfg)
-        dw = _bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, config=wgrad_cfg)
+        dx = conv_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, config=conv_cfg)
+        dw = conv_bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, config=wgrad_cfg)
         results.append(dict(z=z_k, mean_part=stats[0], m2_part=stats[1], mean=bn[0], invstd=bn[1],
                             y=y, dx=dx, dw=dw))
     for name in results[0]:

@@ -5,9 +5,10 @@ two-level merge)."""
 import pytest
 import torch
 
-from kernels import _fwd, _stats
-from kernels._conv_tiles import channel_tiles
-from kernels._weights import pack_weight
+from kernels.batchnorm import stats as bn_statistics
+from kernels.conv3x3 import forward as conv_fwd
+from kernels.conv3x3.tiles import channel_tiles
+from kernels.conv3x3.weights import pack_weight
 
 
 def _packed_reference(weight, groups, block_t, block_o, tiled_is_out):
@@ -74,18 +75,18 @@ def test_bn_stats_merges_chunks(m, device):
     c = 5
     g = torch.Generator().manual_seed(m)
     z = (3.0 + torch.randn(m, c, generator=g, dtype=torch.float64) * torch.rand(c, generator=g, dtype=torch.float64))
-    t = -(-m // _stats.STATS_ROWS)
-    padded = torch.zeros(t * _stats.STATS_ROWS, c, dtype=torch.float64)
+    t = -(-m // bn_statistics.STATS_ROWS)
+    padded = torch.zeros(t * bn_statistics.STATS_ROWS, c, dtype=torch.float64)
     padded[:m] = z
-    chunks = padded.view(t, _stats.STATS_ROWS, c)
-    counts = (m - torch.arange(t) * _stats.STATS_ROWS).clamp(max=_stats.STATS_ROWS).double()[:, None]
+    chunks = padded.view(t, bn_statistics.STATS_ROWS, c)
+    counts = (m - torch.arange(t) * bn_statistics.STATS_ROWS).clamp(max=bn_statistics.STATS_ROWS).double()[:, None]
     mean_part = chunks.sum(1) / counts
-    valid = (torch.arange(t * _stats.STATS_ROWS) < m).view(t, _stats.STATS_ROWS, 1)
+    valid = (torch.arange(t * bn_statistics.STATS_ROWS) < m).view(t, bn_statistics.STATS_ROWS, 1)
     m2_part = torch.where(valid, chunks - mean_part[:, None], 0.0).pow(2).sum(1)
     stats = (mean_part.float().to(device), m2_part.float().to(device))
     gamma, beta = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    mean, invstd, scale, shift = _stats.bn_stats(stats, m, gamma, beta, rm if m > 1 else None,
+    mean, invstd, scale, shift = bn_statistics.bn_stats(stats, m, gamma, beta, rm if m > 1 else None,
                                                  rv if m > 1 else None, 1e-5, 0.1)
     var = z.var(0, unbiased=False)
     torch.testing.assert_close(mean.cpu().double(), z.mean(0), atol=1e-6, rtol=1e-6)
@@ -102,7 +103,7 @@ def test_forward_chunk_partials(device):
     n, c, h, w, groups = 2, 16, 9, 11, 4  # 198 pixels: three full chunks and a ragged one
     x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, c // groups, 3, 3, device=device) / 3
-    z, (mean_part, m2_part) = _fwd.conv_forward(x, weight, groups, 1, 1, store=_fwd.STORE_Z, compute_stats=True)
+    z, (mean_part, m2_part) = conv_fwd.conv_forward(x, weight, groups, 1, 1, store=conv_fwd.STORE_Z, compute_stats=True)
     rows = z.permute(0, 2, 3, 1).reshape(-1, c).double()
     assert mean_part.shape == (4, c)
     for t in range(4):

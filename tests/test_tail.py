@@ -1,4 +1,4 @@
-"""The bottleneck's tail, y = relu(bn3(z3) + identity), forward and backward (``kernels/_tail.py``).
+"""The bottleneck's tail, y = relu(bn3(z3) + identity), forward and backward (``kernels/batchnorm/tail.py``).
 
 The reference is PyTorch's float64 autograd through the unfused ops, run on the same inputs
 rounded to the test's precision first: relu(batch_norm(z3) + batch_norm(z_d)) with a projection
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import TOL, assert_close, assert_within_2x_pytorch, bf16_gpu_only, grad_output
-from kernels._tail import bn_backward_coeffs, tail_backward, tail_forward
+from kernels.batchnorm.pointwise import bn_backward_coeffs
+from kernels.batchnorm.tail import tail_backward, tail_forward
 
 EPS = 1e-5
 CL = torch.channels_last

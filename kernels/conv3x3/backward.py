@@ -11,7 +11,7 @@ g = dy·[z·scale + shift > 0] (the ReLU mask, recomputed from z):
   where element-wise work rather than memory traffic is the cost, ``_bn_relu_bwd_kernel`` writes
   dz once instead (``MATERIALIZE_DZ``); both paths are tested on the CPU.
 * ``_bwd_dx_kernel``: dx = conv_transpose(dz, w), an implicit GEMM over input pixels with the
-  packed weight tiles of ``kernels/_weights.py``. With stride 2, each program takes the pixels
+  packed weight tiles of ``kernels/conv3x3/weights.py``. With stride 2, each program takes the pixels
   of one (hi % 2, wi % 2) class and visits only the taps that link them to an output pixel.
 * ``_bwd_dw_kernel``: dw = Σ_pixels x_tap ⊗ dz. One program loads dz (or rebuilds it from
   dy, z) once per block of pixels and multiplies it by all nine taps of x (three per kernel
@@ -24,13 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (INTERPRET, WGRAD_BLOCK_K, aligned, bn_relu_grad, channel_tiles, conv_configs,
-                          dot_acc, dot_options, even_groups, group_channel_range, launch, pixel_coords,
-                          pointwise_tiles, prune_configs, prune_wgrad_configs, shape_bucket,
-                          wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
-from ._autotune import autotune
-from ._stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
-from ._weights import other_side_chunks, pack_weight
+from .._autotune import autotune
+from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
+from ..common import (INTERPRET, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch, pixel_coords,
+                      reduction_splits, shape_bucket)
+from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs,
+                    prune_wgrad_configs, wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
+from .weights import other_side_chunks, pack_weight
 
 _STATS_ROWS = tl.constexpr(STATS_ROWS)
 _LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
@@ -54,62 +54,6 @@ def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEM
     return dz
 
 
-@triton.jit
-def _bn_relu_bwd_kernel(
-    dy_ptr, z_ptr,  # (M, C) channels-last
-    scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C,) float32 coefficients of dz
-    dz_ptr,  # (M, C) float32
-    M, C,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask = (offs_m < M)[:, None] & mask_c[None, :]
-    offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    k1 = tl.load(k1_ptr + offs_c, mask=mask_c, other=0.0)
-    k0 = tl.load(k0_ptr + offs_c, mask=mask_c, other=0.0)
-    dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, mask, scale, shift, k1, k0, False, "")
-    tl.store(dz_ptr + offs, dz, mask=mask)
-
-
-@triton.jit
-def _bn_bwd_reduce_kernel(
-    dy_ptr, z_ptr,  # (M, C) channels-last
-    scale_ptr, shift_ptr, mean_ptr, invstd_ptr,  # (C,) float32
-    sum_g_ptr, sum_gx_ptr,  # (S, C) float32 partials
-    M, C, ROWS_PER_PROGRAM,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # One program: BLOCK_C channels over ROWS_PER_PROGRAM consecutive pixels.
-    pid_s = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    acc_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    row_start = pid_s * ROWS_PER_PROGRAM
-    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
-    for m_start in range(row_start, row_end, BLOCK_M):
-        offs_m = m_start + tl.arange(0, BLOCK_M)
-        mask = (offs_m < row_end)[:, None] & mask_c[None, :]
-        offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask & (z * scale[None, :] + shift[None, :] > 0), dy, 0.0)
-        acc_g += tl.sum(g, axis=0)
-        acc_gx += tl.sum(g * (z - mean[None, :]) * invstd[None, :], axis=0)
-    tl.store(sum_g_ptr + pid_s * C + offs_c, acc_g, mask=mask_c)
-    tl.store(sum_gx_ptr + pid_s * C + offs_c, acc_gx, mask=mask_c)
-
-
 @autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
            key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "RELU_BN", "DZ_IN_MEMORY",
                 "PRECISION"])
@@ -117,7 +61,7 @@ def _bn_bwd_reduce_kernel(
 def _bwd_dx_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
     dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
-    w_ptr,  # (CI_TILES, CO_CHUNKS, 9, BLOCK_CO, BLOCK_CI) packed block-diagonal (kernels/_weights.py)
+    w_ptr,  # (CI_TILES, CO_CHUNKS, 9, BLOCK_CO, BLOCK_CI) packed block-diagonal (kernels/conv3x3/weights.py)
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dx_ptr,  # (N, H, W, C_in) channels-last
     zin_ptr,  # (N, H, W, C_in) channels-last: x = relu(zin·in_scale + in_shift), read when RELU_BN
@@ -324,58 +268,6 @@ def _bwd_dw_kernel(
         _store_dw_row(dw_part_ptr, acc2, pid_s, 2, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G)
 
 
-def _num_splits(m, device):
-    """How many pixel ranges the reductions split into: a fixed function of the problem and
-    the device, so results are bit-identical from run to run."""
-    if INTERPRET:
-        return max(1, min(4, triton.cdiv(m, 16384)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms, triton.cdiv(m, 2048)))
-
-
-def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
-    """(Σ g, Σ g·x̂) per channel, float32, reduced in a fixed order."""
-    n, c, h, w = z.shape
-    m = n * h * w
-    splits = _num_splits(m, z.device)
-    block_m, block_c = pointwise_tiles(c)
-    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    sum_g = torch.empty((splits, c), device=z.device, dtype=torch.float32)
-    sum_gx = torch.empty((splits, c), device=z.device, dtype=torch.float32)
-    _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, block_c))](
-        dy, z, scale, shift, mean, invstd, sum_g, sum_gx, m, c, rows,
-        BLOCK_M=block_m, BLOCK_C=block_c)
-    return sum_g.sum(0), sum_gx.sum(0)
-
-
-def bn_backward_coeffs(sums, scale, mean, invstd, count, training=True):
-    """(k1, k0), float32 (C,), so that dz = scale·g + k1·z + k0 is BatchNorm's input gradient.
-
-    ``sums`` = (Σg, Σg·x̂) over the ``count`` pixels the batch statistics were taken over. In
-    training, k1 = −scale·invstd·Σg·x̂/count and k0 = −scale·Σg/count − k1·mean; with frozen
-    (eval-mode) statistics the mean and invstd are constants and k1 = k0 = 0.
-    """
-    sum_g, sum_gx = sums
-    if not training:
-        return torch.zeros_like(scale), torch.zeros_like(scale)
-    if count < 1:
-        raise ValueError(f"count must be a positive number of pixels in training, got {count!r}")
-    k1 = -scale * invstd * sum_gx / count
-    k0 = -scale * sum_g / count - k1 * mean
-    return k1, k0
-
-
-def bn_relu_bwd(dy, z, coeffs):
-    """dz (float32, channels-last) of relu(BN(z)) from dy, for the MATERIALIZE_DZ path."""
-    n, c, h, w = z.shape
-    m = n * h * w
-    dz = torch.empty(z.shape, device=z.device, dtype=torch.float32, memory_format=torch.channels_last)
-    block_m, block_c = pointwise_tiles(c)
-    _bn_relu_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-        dy, z, *coeffs, dz, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
-    return dz
-
-
 def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None, relu_bn=None):
     """dx (channels-last, weight's dtype) of the grouped conv; dz read from ``dz`` when given,
     else rebuilt from (dy, z).
@@ -428,7 +320,7 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
     ci_chunks = other_side_chunks(c_out, cout_g, cin_g, block_co, block_ci)
     kh_rows = wgrad_taps_per_program(block_co, block_ci)
     m = n * ho * wo
-    splits = _num_splits(m, x.device)
+    splits = reduction_splits(m, x.device)
     rows = triton.cdiv(triton.cdiv(m, splits), WGRAD_BLOCK_K) * WGRAD_BLOCK_K
     splits = triton.cdiv(m, rows)  # no empty split
     # every entry is written: each (co, ci) of a group lies in exactly one (tile, chunk)

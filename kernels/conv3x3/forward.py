@@ -2,7 +2,7 @@
 
 Inference (BatchNorm folded):  one kernel, ``y = relu(conv(x) · scale + shift)``.
 Training:  ``_fwd_kernel`` writes z = conv(x) and float32 (mean, M2) statistics of z per chunk of
-64 pixels (``kernels/_stats.py``); ``bn_stats`` merges them (Chan's parallel formula, no
+64 pixels (``kernels/batchnorm/stats.py``); ``bn_stats`` merges them (Chan's parallel formula, no
 E[z²] − E[z]²), updates the running statistics and emits the per-channel scale/shift;
 ``_bn_relu_kernel`` applies them to z.
 """
@@ -11,12 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_tiles import (aligned, channel_tiles, conv_configs, dot_acc, dot_options,
-                          even_groups, group_channel_range, launch, pixel_coords, pointwise_tiles,
-                          prune_configs, shape_bucket)
-from ._stats import STATS_ROWS, bn_stats, chunk_stats, partials  # noqa: F401  (bn_stats: re-exported)
-from ._autotune import autotune
-from ._weights import pack_weight
+from .._autotune import autotune
+from ..batchnorm.stats import STATS_ROWS, chunk_stats, partials
+from ..common import dot_acc, dot_options, launch, pixel_coords, shape_bucket
+from .tiles import aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs
+from .weights import pack_weight
 
 # as constexprs: jit functions may read only globals declared so
 _STATS_ROWS = tl.constexpr(STATS_ROWS)
@@ -31,7 +30,7 @@ STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last
-    w_ptr,  # (CO_TILES, CI_CHUNKS, 9, BLOCK_CI, BLOCK_CO) packed block-diagonal (kernels/_weights.py)
+    w_ptr,  # (CO_TILES, CI_CHUNKS, 9, BLOCK_CI, BLOCK_CO) packed block-diagonal (kernels/conv3x3/weights.py)
     scale_ptr, shift_ptr,  # (C_out,) float32, read when STORE == STORE_BN_RELU
     y_ptr,  # (N, Ho, Wo, C_out) channels-last: z or relu(z·scale + shift)
     mean_part_ptr, m2_part_ptr,  # (⌈M / STATS_ROWS⌉, C_out) float32 per-chunk statistics of z
@@ -111,27 +110,6 @@ def _fwd_kernel(
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_co[None, :])
 
 
-@triton.jit
-def _bn_relu_kernel(
-    z_ptr,  # (M, C) channels-last conv output
-    scale_ptr, shift_ptr,  # (C,) float32
-    y_ptr,  # (M, C) channels-last
-    M, C,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask = (offs_m < M)[:, None] & mask_c[None, :]
-    offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    y = tl.maximum(z * scale[None, :] + shift[None, :], 0.0)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 def out_size(size, stride, padding):
     return (size + 2 * padding - 3) // stride + 1
 
@@ -141,7 +119,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
     """Launch ``_fwd_kernel`` on channels-last ``x``; returns (out or None, stats partials or None).
 
     ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype; the partials are what
-    ``kernels._stats.bn_stats`` merges. With ``in_scale``/``in_shift`` ((C_in,) float32) the conv
+    ``kernels.batchnorm.stats.bn_stats`` merges. With ``in_scale``/``in_shift`` ((C_in,) float32) the conv
     reads relu(x·in_scale + in_shift) — the previous layer's BatchNorm + ReLU, applied as x is
     loaded (the fused bottleneck) — zero-padded after that transform, as conv2d pads its input.
     ``config`` forces one autotune config instead of tuning.
@@ -173,14 +151,3 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
         EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci), **dot_options(x.dtype),
     )
     return out, stats
-
-
-def bn_relu(z, scale, shift):
-    """``relu(z · scale + shift)`` per channel on a channels-last (N, C, H, W) tensor."""
-    n, c, h, w = z.shape
-    y = torch.empty_like(z, memory_format=torch.channels_last)
-    m = n * h * w
-    block_m, block_c = pointwise_tiles(c)
-    _bn_relu_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-        z, scale, shift, y, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
-    return y

@@ -15,17 +15,17 @@ activation dtype; tensors are channels-last (N, C, H, W), i.e. (M = N·H·W, C) 
   The sums use g in float32 before it is stored. That is the stored g exactly: g is either dy
   (already in the activation dtype) or 0, so rounding it changes nothing.
   The reduction is deterministic. Pixels are cut into a fixed number of splits (a function of M
-  and the device's SM count only, as ``_bwd.bn_bwd_reduce``), each program sums its split in
+  and the device's SM count only, as ``pointwise.bn_bwd_reduce``), each program sums its split in
   fixed BLOCK_M steps into FOLD float32 rows per channel and those into one partial, and one
   ``sum(0)`` adds the partials in a fixed order. Nothing here is autotuned, so the results are bit-identical from run to run (and the
   same on every run of one device kind, not across kinds or against the interpreter).
-* ``bn_backward_coeffs`` (``kernels._bwd``'s, re-exported) turns the sums into k1, k0 with
+* ``bn_backward_coeffs`` (``kernels.conv3x3.backward``'s, re-exported) turns the sums into k1, k0 with
   dz = scale·g + k1·z + k0, BatchNorm's input gradient. The next kernels rebuild dz from (g, z) as they load them, as
-  ``_bwd.bn_relu_grad`` does.
+  ``kernels.common.bn_relu_grad`` does.
 
 Limitations:
 * No autotuning: the tiles are ``pointwise_tiles`` (64 pixels × up to 64 channels on the GPU)
-  with 4 warps, and the splits are those of ``_bwd._num_splits``. They are fixed so that the
+  with 4 warps, and the splits are those of ``kernels.common.reduction_splits``. They are fixed so that the
   sums' order is fixed too. These kernels have not been timed on a GPU yet. Compiled for sm_90
   without one (triton 3.6 and 3.9, bfloat16, C = 256): 16-byte loads and stores, no spills;
   forward 64-70 registers, backward 126 (identity) and 175-181 (projection), i.e. 4 and 2
@@ -42,8 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bwd import _num_splits, bn_backward_coeffs  # noqa: F401  (bn_backward_coeffs: re-exported)
-from ._conv_tiles import INTERPRET, pointwise_tiles
+from ..common import INTERPRET, pointwise_tiles, reduction_splits
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_WARPS = 4
@@ -281,7 +280,7 @@ def tail_backward(dy, z3, scale3, shift3, mean3, invstd3, identity, scale_d=None
         sums = torch.zeros((3, c), device=z3.device, dtype=torch.float32)
     else:
         block_m, block_c, even_c = _tiles(c)
-        splits = _num_splits(m, z3.device)
+        splits = reduction_splits(m, z3.device)
         rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
         splits = triton.cdiv(m, rows)  # no empty split
         # every entry a launch reads is written; row 2 is left empty without a projection

@@ -9,10 +9,10 @@ strided rows of the NHWC activation (contiguous rows at stride 1). Accumulation 
 
 * prologue (PROLOGUE): ``a = relu(x · in_scale[ci] + in_shift[ci])`` as x is loaded, in float32,
   then rounded to the dot operand dtype: the previous layer's BatchNorm + ReLU, folded into a
-  per-channel scale/shift by ``kernels._stats.bn_stats``, never written to memory;
+  per-channel scale/shift by ``kernels.batchnorm.stats.bn_stats``, never written to memory;
 * statistics epilogue (COMPUTE_STATS): float32 (mean, M2) of z per chunk of STATS_ROWS pixels and
-  per channel (``kernels._stats.chunk_stats``; of z as stored, i.e. after rounding to half
-  precision, as ``kernels._fwd`` does), which ``bn_stats`` merges into this layer's BatchNorm.
+  per channel (``kernels.batchnorm.stats.chunk_stats``; of z as stored, i.e. after rounding to half
+  precision, as ``kernels.conv3x3.forward`` does), which ``bn_stats`` merges into this layer's BatchNorm.
 
 The K tile (input channels per ``tl.dot``) is fixed by C_in, not tuned: it fixes the order in which
 each z element's float32 sum is formed, so that z and its statistics do not depend on which
@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune
-from ._conv_tiles import INTERPRET, MIN_DOT, dot_acc, dot_options, launch, pixel_coords, shape_bucket
-from ._stats import STATS_ROWS, chunk_stats, partials
+from .._autotune import autotune
+from ..batchnorm.stats import STATS_ROWS, chunk_stats, partials
+from ..common import INTERPRET, MIN_DOT, dot_acc, dot_options, launch, pixel_coords, shape_bucket
 
 # as constexprs: jit functions may read only globals declared so
 _STATS_ROWS = tl.constexpr(STATS_ROWS)
@@ -212,7 +212,7 @@ def conv1x1_forward(x, weight, stride=1, *, in_scale=None, in_shift=None, comput
 
     x: (N, C_in, H, W), made channels-last if it is not; weight: (C_out, C_in, 1, 1), x's dtype.
     z: (N, C_out, Ho, Wo) channels-last in x's dtype, Ho = ⌈H / stride⌉. ``partials`` (when
-    ``compute_stats``): the per-chunk (mean, M2) of z that ``kernels._stats.bn_stats`` merges, for
+    ``compute_stats``): the per-chunk (mean, M2) of z that ``kernels.batchnorm.stats.bn_stats`` merges, for
     ``count = N·Ho·Wo``. ``config`` forces one triton.Config instead of autotuning (tests).
     """
     _check_inputs(x, weight, stride, in_scale, in_shift, config)

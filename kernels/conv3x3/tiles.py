@@ -1,4 +1,5 @@
-"""Shared pieces of the grouped 3x3 conv kernels: tile choice, autotune configs, Triton helpers.
+"""Shared pieces of the grouped 3x3 conv kernels: tile choice, autotune configs and their budgets,
+the channel ranges of block-diagonal weight tiles.
 
 All kernels work on channels-last (NHWC) activations and view the grouped convolution as an
 implicit GEMM per filter tap: for tap (kh, kw), ``acc[m, co] += x[pixel(m) + tap, ci] · w[co, ci]``,
@@ -8,25 +9,12 @@ the zeros off the diagonal multiply tensor-core work, which is cheap because eve
 is memory-bound (see ``shared/KERNEL-NOTES.md``).
 """
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated; the launchers read this copy.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ..common import INTERPRET, MIN_DOT, WGRAD_BLOCK_K
 
-if INTERPRET:
-    from . import _interpreter_speedups  # noqa: F401  (patches Triton's interpreter on import)
-
-# Smallest tl.dot extent the GPU compiler accepts for 16-bit operands (the interpreter accepts
-# anything, which is why every tile below is clamped to it explicitly).
-MIN_DOT = 16
 MAX_CHANNEL_TILE = 64
-# Pixel tile of the pointwise and reduction kernels. The interpreter runs programs one after
-# another at a fixed Python cost per block op, so it gets far fewer, larger programs.
-POINTWISE_BLOCK_M = 4096 if INTERPRET else 64
 
 
 def channel_tiles(cin_per_group, cout_per_group):
@@ -39,20 +27,6 @@ def channel_tiles(cin_per_group, cout_per_group):
     groups_per_tile = max(1, block_co // cout_per_group)
     block_ci = min(MAX_CHANNEL_TILE, max(MIN_DOT, triton.next_power_of_2(cin_per_group * groups_per_tile)))
     return block_co, block_ci
-
-
-def pointwise_tiles(c):
-    """(BLOCK_M, BLOCK_C) of the pointwise and reduction kernels over (pixels, C) tensors."""
-    return POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
-
-
-def dot_options(dtype):
-    """The ``UPCAST`` and ``PRECISION`` meta-parameters of ``dot_acc`` for operands of ``dtype``.
-
-    float32 convs use TF32 exactly when cuDNN would (``torch.backends.cudnn.allow_tf32``).
-    """
-    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee")
 
 
 def conv_configs(interpret=INTERPRET):
@@ -112,10 +86,6 @@ def prune_configs(configs, named_args, **kwargs):
     return fits or configs[:1]
 
 
-# Pixels per tl.dot in the weight gradient, and the granularity of every pixel split: fixed, not
-# tuned, so that the float32 sums run in the same order whatever config autotuning picks (each
-# dot accumulates its K blocks in order, so only the dot's extent and the split edges matter).
-WGRAD_BLOCK_K = 4096 if INTERPRET else 64
 # Shared memory a weight-gradient config may pipeline (x rows + dz tile per stage), in bytes.
 WGRAD_STAGE_BUDGET = 160 * 1024
 
@@ -160,26 +130,6 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
     return fits or configs[-1:]
 
 
-def shape_bucket(n):
-    """Bucket the batch size for autotune keys: bounded recompiles and re-tunes across batch sizes."""
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def launch(kernel, grid, config, *args, **meta):
-    """Launch an autotuned kernel, or force one of its configs (tests run every shipped config)."""
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
-
-
-@triton.jit
-def pixel_coords(offs_m, H, W):
-    """(n, h, w) of flat pixel indices into an (N, H, W) grid."""
-    return offs_m // (H * W), (offs_m // W) % H, offs_m % W
-
-
 def even_groups(c_tiled, tiled_per_group, other_per_group, block_tiled, block_other):
     """Whether every channel tile holds whole groups whose channels on the other side fill a whole
     number of chunks (true for every ResNeXt width). Tile edges then need no masks and start on
@@ -217,29 +167,3 @@ def aligned(offs, BLOCK: tl.constexpr, EVEN_GROUPS: tl.constexpr):
     if EVEN_GROUPS:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     return offs
-
-
-@triton.jit
-def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc += a @ b`` in float32.
-
-    UPCAST works around Triton's interpreter, whose bfloat16 ``tl.dot`` returns garbage
-    (seen with triton 3.6-3.9): there the operands are widened to float32 first, which is exact.
-    """
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def bn_relu_grad(dy, z, scale, shift, k1, k0, valid):
-    """Gradient w.r.t. the conv output z of ``relu(z·scale + shift)`` with BatchNorm's backward.
-
-    Per channel, dz = scale·g + k1·z + k0 with g = dy·[z·scale + shift > 0]; k1 = k0 = 0 for
-    frozen (eval-mode) BatchNorm. All float32; positions outside the tensor give exactly 0.
-    """
-    z = z.to(tl.float32)
-    g = tl.where(z * scale[None, :] + shift[None, :] > 0, dy.to(tl.float32), 0.0)
-    dz = g * scale[None, :] + z * k1[None, :] + k0[None, :]
-    return tl.where(valid, dz, 0.0)

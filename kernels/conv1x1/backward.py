@@ -1,4 +1,4 @@
-"""Backward of the 1x1 convolution (``kernels._conv1x1``) inside the fused ResNeXt bottleneck.
+"""Backward of the 1x1 convolution (``kernels.conv1x1.forward``) inside the fused ResNeXt bottleneck.
 
 The gradient w.r.t. the conv output z is never stored. BatchNorm's backward is affine per output
 channel, so it is rebuilt in float32 as g (the incoming gradient) and z are loaded:
@@ -6,7 +6,7 @@ channel, so it is rebuilt in float32 as g (the incoming gradient) and z are load
     dz = scale[c]·g' + k1[c]·z + k0[c],   g' = g·[z·scale[c] + shift[c] > 0] with MASK (a ReLU
                                           followed the BN), else g' = g;
 
-(``kernels._conv_tiles.bn_relu_grad``; frozen BN has k1 = k0 = 0), then rounded to the operand
+(``kernels.common.bn_relu_grad``; frozen BN has k1 = k0 = 0), then rounded to the operand
 dtype of the MMA. With M = N·Ho·Wo output pixels and row m of ``a`` the input pixel
 (n, STRIDE·ho, STRIDE·wo) of output pixel m (as in the forward):
 
@@ -22,7 +22,7 @@ dtype of the MMA. With M = N·Ho·Wo output pixels and row m of ``a`` the input 
   shape and the device only, never on the tuned config, so every config gives the same bits.
 
 The dgrad's K tile (output channels per ``tl.dot``) is fixed by C_out for the same reason as the
-forward's (``kernels._conv1x1.k_tile``): dA does not depend on the config either.
+forward's (``kernels.conv1x1.forward.k_tile``): dA does not depend on the config either.
 
 Limitations: 1x1 filters with no padding, groups or bias; stride 1 or 2; g, z and x are made
 channels-last first (a copy when they are not). dz is rebuilt once per input-channel tile (dA:
@@ -36,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune
-from ._conv1x1 import k_tile
-from ._conv_tiles import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch,
-                          pixel_coords, shape_bucket)
-from ._stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
+from .._autotune import autotune
+from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
+from ..common import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch,
+                      pixel_coords, shape_bucket)
+from .forward import k_tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Shared memory a config may pipeline per CTA, estimated as num_stages x (the g, z and w or x
@@ -388,7 +388,7 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residua
       shift), BatchNorm + ReLU of z_in (N, C_in, H, W) with batch ``mean``/``invstd`` (float32,
       (C_in,)); stride 1 only. dA then carries that ReLU's mask, and the call returns
       ``(dA, (Σg, Σg·x̂))``: BatchNorm's backward sums over the pixels (float32, (C_in,)), from
-      per-chunk partials (``kernels._stats.relu_bn_grad_sums``) summed in a fixed order.
+      per-chunk partials (``kernels.batchnorm.stats.relu_bn_grad_sums``) summed in a fixed order.
     """
     _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_M", "BLOCK_N"))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != g.shape[1] \

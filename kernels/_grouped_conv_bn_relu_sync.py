@@ -3,7 +3,7 @@
 What ``nn.SyncBatchNorm`` computes, with the same kernels as the single-process op
 (``kernels/grouped_conv_bn_relu.py``) and two collectives on the process group:
 
-* Forward: each rank's conv kernel emits its chunk statistics and ``_stats.local_stats`` merges
+* Forward: each rank's conv kernel emits its chunk statistics and ``stats.local_stats`` merges
   them into the rank's (count, mean, M2) per channel. ``all_gather`` brings every rank's triple to
   every rank, which combines them with Chan's formula in rank order (float64, so counts stay exact
   and every rank gets the same bits):  n = Σ n_r,  mean = Σ n_r·mean_r / n,
@@ -24,7 +24,9 @@ Single-process and eval-mode calls never come here: they run the registered op.
 import torch
 import torch.distributed as dist
 
-from . import _bwd, _fwd, _stats
+from .batchnorm import pointwise
+from .batchnorm.stats import local_stats
+from .conv3x3 import backward, forward
 from .grouped_conv_bn_relu import _grad_strides, _on_device, _output_strides, _with_strides
 
 
@@ -54,14 +56,14 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
                 momentum, group):
         n, c_out = x.shape[0], weight.shape[0]
-        ho, wo = (_fwd.out_size(s, stride, padding) for s in x.shape[2:])
+        ho, wo = (forward.out_size(s, stride, padding) for s in x.shape[2:])
         local = n * ho * wo
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w = weight.contiguous()
         if local:
-            z, partials = _fwd.conv_forward(x_cl, w, groups, stride, padding, store=_fwd.STORE_Z,
+            z, partials = forward.conv_forward(x_cl, w, groups, stride, padding, store=forward.STORE_Z,
                                             compute_stats=True)
-            mean_l, m2_l = _stats.local_stats(partials, local)
+            mean_l, m2_l = local_stats(partials, local)
         else:  # an empty rank still takes part in the collectives
             z = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
             mean_l = m2_l = torch.zeros(c_out, device=x.device, dtype=torch.float32)
@@ -78,7 +80,7 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_(mean.float(), alpha=momentum)
             running_var.mul_(1 - momentum).add_((m2 / (total - 1)).float(), alpha=momentum)
-        y = _fwd.bn_relu(z, stats[2], stats[3]) if local else torch.empty_like(z)
+        y = pointwise.bn_relu(z, stats[2], stats[3]) if local else torch.empty_like(z)
         y = _with_strides(y, _output_strides(x, weight, y.shape))
         ctx.save_for_backward(x, weight, z, stats)
         ctx.conf = (stride, padding, groups, float(total), group)
@@ -92,20 +94,20 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
         mean, invstd, scale, shift = stats.unbind()
         dy = dy.contiguous(memory_format=torch.channels_last).to(z.dtype)
         if x.shape[0]:
-            sum_g, sum_gx = _bwd.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
+            sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
         else:
             sum_g = sum_gx = torch.zeros_like(mean)
         sums = torch.cat((sum_g, sum_gx))
         dist.all_reduce(sums, group=group)
-        coeffs = (scale, shift, *_bwd.bn_backward_coeffs(sums.chunk(2), scale, mean, invstd, total))
+        coeffs = (scale, shift, *pointwise.bn_backward_coeffs(sums.chunk(2), scale, mean, invstd, total))
         dx = dw = None
         if x.shape[0]:
-            dz = _bwd.bn_relu_bwd(dy, z, coeffs) if _bwd.MATERIALIZE_DZ and (need_x or need_w) else None
+            dz = pointwise.bn_relu_bwd(dy, z, coeffs) if backward.MATERIALIZE_DZ and (need_x or need_w) else None
             if need_x:
-                dx = _with_strides(_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
+                dx = _with_strides(backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
                                    _grad_strides(x))
             if need_w:
-                dw = _bwd.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs,
+                dw = backward.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs,
                                   groups, stride, padding, dz=dz)
         else:
             dx = torch.empty_strided(x.shape, _grad_strides(x), dtype=x.dtype, device=x.device) if need_x else None
