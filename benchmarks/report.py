@@ -23,14 +23,18 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.shapes import ARCHS, MODES, block_shapes, throughput
+from benchmarks.shapes import ARCHS, BOTTLENECK_MODES, MODES, block_shapes, bottleneck_shapes, throughput
 
 BLOCK_KEYS = ("op", "arch", "stage", "shape", "groups", "stride", "dtype", "mode", "provider",
               "median_ms", "tflops", "gbps", "roofline")
 KERNELS_KEY = "kernels"  # optional, after BLOCK_KEYS: {kernel name: ms per call}, fused blocks only
 MODEL_KEYS = ("op", "arch", "mode", "batch", "dtype", "provider", "images_per_s")
+BOTTLENECK_KEYS = ("op", "arch", "stage", "stride", "inplanes", "planes", "groups", "dtype", "mode", "provider",
+                   "layout", "median_ms", "tflops", "gbps", "roofline")
 TOP_KERNELS = 3  # kernels named per fused block in the .md; the rest are summed
-PROVIDERS = ("cudnn", "compile", "fused")
+PROVIDERS = ("cudnn", "compile", "fused")  # blocks: the grouped conv + BN + ReLU alone
+MODEL_PROVIDERS = PROVIDERS + ("fused_block",)  # fused: conv level; fused_block: whole bottlenecks
+BOTTLENECK_PROVIDERS = ("cudnn", "compile", "fused_conv", "fused_block")
 DTYPES = ("bfloat16", "float16", "float32")
 GOAL_DTYPE = "bfloat16"
 GOAL_ARCH = "resnext50_32x4d"
@@ -38,6 +42,10 @@ GOAL_ARCH = "resnext50_32x4d"
 BLOCK_GOALS = {"inference": 2.0, "train_fwd_bwd": 1.3}
 BLOCK_ROOFLINE_GOAL = 0.60
 MODEL_GOALS = {"inference": 1.3, "train": 1.15}
+# the fused-bottleneck issue's goals: fused_block's least speedup over a baseline at every GOAL_ARCH
+# bottleneck, and GOAL_ARCH's images/s with every bottleneck fused
+BOTTLENECK_GOALS = {("train_fwd_bwd", "cudnn"): 1.5, ("train_fwd_bwd", "compile"): 1.2, ("inference", "cudnn"): 1.5}
+BLOCK_LEVEL_MODEL_GOALS = {("train", "cudnn"): 1.3, ("train", "compile"): 1.1}
 
 
 def gpu_slug(name: str) -> str:
@@ -78,11 +86,15 @@ def records(data: dict) -> list[dict]:
             if info.get(KERNELS_KEY):
                 rec[KERNELS_KEY] = dict(sorted(info[KERNELS_KEY].items(), key=lambda kv: (-kv[1], kv[0])))
             out.append({k: rec[k] for k in (*BLOCK_KEYS, KERNELS_KEY) if k in rec})
+        elif info.get("op") == "bottleneck":
+            rec = {k: info.get(k) for k in BOTTLENECK_KEYS if k not in ("tflops", "gbps", "roofline")}
+            rec.update(throughput(info["flops"], info["bytes"], rec["median_ms"], info.get("copy_gbps")))
+            out.append({k: rec[k] for k in BOTTLENECK_KEYS})
         elif info.get("op") == "model":
             rec = {k: info[k] for k in MODEL_KEYS if k != "images_per_s"}
             rec["images_per_s"] = rec["batch"] / bench["stats"]["median"]
             out.append(rec)
-    order = {p: i for i, p in enumerate(PROVIDERS)}
+    order = {p: i for i, p in enumerate(PROVIDERS + ("fused_conv", "fused_block"))}
     out.sort(key=lambda r: (r["op"], r["arch"], r.get("dtype", ""), r["mode"], r.get("stage", 0),
                             r.get("stride", 0), order.get(r["provider"], 99)))
     return out
@@ -147,6 +159,20 @@ def block_summary(recs, dtype, mode, arch=None, over="cudnn"):
     return geomean(speedup(v, over) for v in rows), (min(roofs) if roofs else None)
 
 
+def bottleneck_label(r) -> str:
+    kind = "proj" if r["stride"] != 1 or r["inplanes"] != 4 * r["planes"] else "identity"
+    return f"stage{r['stage']}-{kind}" + ("/s2" if r["stride"] == 2 else "")
+
+
+def bottleneck_table(recs) -> dict:
+    """``{(arch, mode, stage, stride, inplanes, planes): {provider: record}}`` of the bfloat16 bottlenecks."""
+    table = defaultdict(dict)
+    for r in recs:
+        if r["op"] == "bottleneck":
+            table[(r["arch"], r["mode"], r["stage"], r["stride"], r["inplanes"], r["planes"])][r["provider"]] = r
+    return table
+
+
 def model_table(recs) -> dict:
     """``{(arch, mode): {provider: record}}``."""
     table = defaultdict(dict)
@@ -176,6 +202,17 @@ def goals(recs) -> list[tuple[str, str, float | None, bool | None]]:
               lambda v: v >= target)
         check(f"{GOAL_ARCH} {mode}: fused over compile images/s", ">= 1.0x", speedup(row, "compile"),
               lambda v: v >= 1.0)
+    bottlenecks = bottleneck_table(recs)
+    for (mode, over), target in BOTTLENECK_GOALS.items():
+        rows = [row for key, row in bottlenecks.items() if key[:2] == (GOAL_ARCH, mode)]
+        ups = [speedup(row, over, of="fused_block") for row in rows]
+        least = min(ups) if ups and None not in ups else None  # every block measured, or no figure
+        check(f"bottleneck {mode}: fused_block over {over}, least of {GOAL_ARCH}'s blocks", f">= {target}x",
+              least, lambda v, t=target: v >= t)
+    for (mode, over), target in BLOCK_LEVEL_MODEL_GOALS.items():
+        row = models.get((GOAL_ARCH, mode), {})
+        check(f"{GOAL_ARCH} {mode}: fused_block over {over} images/s", f">= {target}x",
+              speedup(row, over, of="fused_block"), lambda v, t=target: v >= t)
     return out
 
 
@@ -246,9 +283,17 @@ def missing_cases(recs) -> list[str]:
                     lines.append(f"- blocks {arch} {GOAL_DTYPE} {mode} `{provider}`: {', '.join(gone)}")
     models = {(r["arch"], r["mode"], r["provider"]) for r in recs if r["op"] == "model"}
     for mode in MODEL_GOALS:
-        gone = [p for p in PROVIDERS if (GOAL_ARCH, mode, p) not in models]
+        gone = [p for p in MODEL_PROVIDERS if (GOAL_ARCH, mode, p) not in models]
         if gone:
             lines.append(f"- model {GOAL_ARCH} {mode}: {', '.join(f'`{p}`' for p in gone)}")
+    bottlenecks = bottleneck_table(recs)
+    for mode in BOTTLENECK_MODES:
+        for provider in BOTTLENECK_PROVIDERS:
+            gone = [bottleneck_label(dict(stage=s[1], stride=s[2], inplanes=s[3], planes=s[4]))
+                    for s in bottleneck_shapes() if s[0] == GOAL_ARCH
+                    and provider not in bottlenecks.get((GOAL_ARCH, mode, *s[1:5]), {})]
+            if gone:
+                lines.append(f"- bottlenecks {GOAL_ARCH} {GOAL_DTYPE} {mode} `{provider}`: {', '.join(gone)}")
     return lines
 
 
@@ -299,17 +344,48 @@ def markdown(result: dict, copy_gbps: float | None = None) -> str:
                   "Asked for by the GPU issue but not in these results (a run cut off by its time limit, "
                   "or not run yet):", "", *gone]
 
+    lines += bottleneck_lines(recs)
+
     models = model_table(recs)
     if models:
         lines += ["", "## Models (bfloat16 autocast, channels_last), images/s", "",
-                  "| arch | mode | batch | cudnn | compile | fused | fused / cudnn | fused / compile |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "`fused`: every grouped conv + BN + ReLU fused; `fused_block`: every whole bottleneck.", "",
+                  "| arch | mode | batch | cudnn | compile | fused | fused_block | fused / cudnn | fused / compile "
+                  "| fused_block / cudnn | fused_block / compile |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for (arch, mode), row in sorted(models.items()):
             batches = sorted({r["batch"] for r in row.values()})
-            ips = [_fmt(row.get(p, {}).get("images_per_s"), ".0f") for p in PROVIDERS]
-            lines.append(f"| {arch} | {mode} | {', '.join(map(str, batches))} | {' | '.join(ips)} | "
-                         f"{_fmt(speedup(row, 'cudnn'), '.2f', 'x')} | {_fmt(speedup(row, 'compile'), '.2f', 'x')} |")
+            ips = [_fmt(row.get(p, {}).get("images_per_s"), ".0f") for p in MODEL_PROVIDERS]
+            ups = [_fmt(speedup(row, over, of), ".2f", "x") for of in ("fused", "fused_block")
+                   for over in ("cudnn", "compile")]
+            lines.append(f"| {arch} | {mode} | {', '.join(map(str, batches))} | {' | '.join(ips)} | {' | '.join(ups)} |")
     return "\n".join(lines) + "\n"
+
+
+def bottleneck_lines(recs) -> list[str]:
+    """The whole-bottleneck tables: ms per provider (cudnn at its better layout), fused_block's
+    roofline fraction and speedups, one table per (arch, mode)."""
+    table = bottleneck_table(recs)
+    if not table:
+        return []
+    lines = ["", f"## Bottlenecks ({GOAL_DTYPE} autocast, whole block), ms per call", "",
+             "`fused_conv`: the grouped conv + BN + ReLU fused, the rest eager; `fused_block`: the whole block "
+             "in Triton (`kernels/bottleneck.py`); cudnn at its faster layout (cl: channels_last)."]
+    for arch, mode in sorted({k[:2] for k in table}, key=lambda t: (t[0], t[1])):
+        lines += ["", f"### {arch}, {mode}", "",
+                  "| block | cudnn ms | compile ms | fused_conv ms | fused_block ms | fused_block roofline "
+                  "| fused_block / cudnn | fused_block / compile |", "|---|---|---|---|---|---|---|---|"]
+        for key in sorted(k for k in table if k[:2] == (arch, mode)):
+            row = table[key]
+            cudnn = row.get("cudnn", {})
+            layout = {"channels_last": " (cl)", "nchw": " (nchw)"}.get(cudnn.get("layout"), "")
+            ms = [_fmt(row.get(p, {}).get("median_ms"), ".3f") for p in BOTTLENECK_PROVIDERS]
+            ms[0] += layout if cudnn else ""
+            fused = row.get("fused_block", {})
+            lines.append(f"| {bottleneck_label(next(iter(row.values())))} | {' | '.join(ms)} | "
+                         f"{_fmt(fused.get('roofline'), '.0%')} | {_fmt(speedup(row, 'cudnn', 'fused_block'), '.2f', 'x')} | "
+                         f"{_fmt(speedup(row, 'compile', 'fused_block'), '.2f', 'x')} |")
+    return lines
 
 
 def chart_data(recs, dtype) -> dict:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ARCHS", "MODES", "BlockShape", "block_shapes", "conv_flops", "min_bytes", "throughput"]
+__all__ = ["ARCHS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "bottleneck_shapes", "conv_flops",
+           "min_bytes", "throughput"]
 
 MODES = ("inference", "train_fwd", "train_fwd_bwd")
 
@@ -138,3 +139,21 @@ def throughput(flops: float, nbytes: float, median_ms: float, copy_gbps: float |
         "gbps": gbps,
         "roofline": gbps / copy_gbps if copy_gbps else None,
     }
+
+
+BOTTLENECK_MODES = ("inference", "train_fwd_bwd")
+
+
+def bottleneck_shapes():
+    """(arch, stage, stride, inplanes, planes, groups, width_per_group, input size) of the first
+    (projection) block and a stride-1 identity block of every stage."""
+    out = []
+    for arch, (_, groups, wpg) in ARCHS.items():
+        for stage in range(1, 5):
+            planes = 64 * 2 ** (stage - 1)
+            size = 56 // 2 ** (stage - 1)
+            stride = 1 if stage == 1 else 2
+            inplanes = 64 if stage == 1 else planes * 2
+            out.append((arch, stage, stride, inplanes, planes, groups, wpg, size * stride))
+            out.append((arch, stage, 1, planes * 4, planes, groups, wpg, size))
+    return out

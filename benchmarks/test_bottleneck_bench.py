@@ -4,9 +4,10 @@ Blocks: per stage the first block (projection shortcut; stride 2 from stage 2 on
 identity block, batch ``--bench-batch`` (default 256), bfloat16 autocast, channels_last float32
 inputs and parameters, as the model benchmarks run them. Providers, on the same parameters:
 
-- ``cudnn``: the eager ``resnext.Bottleneck`` (cudnn.benchmark on);
+- ``cudnn``: the eager ``resnext.Bottleneck`` (cudnn.benchmark on), timed with channels_last and
+  with NCHW activations and parameters; the faster layout is the record (``layout`` says which);
 - ``fused_conv``: the same block with ``fused_kernels="conv"`` (grouped conv + BN + ReLU fused);
-- ``fused_block``: ``fused_kernels="block"`` (the whole block in Triton, ``kernels/_bottleneck.py``);
+- ``fused_block``: ``fused_kernels="block"`` (the whole block in Triton, ``kernels/bottleneck.py``);
 - ``compile``: ``torch.compile`` of the eager block.
 
 Modes ``inference`` (eval, no_grad) and ``train_fwd_bwd`` (train mode, forward, ``y.backward(dy)``).
@@ -15,7 +16,7 @@ single calls, L2 flushed, gradients reset, outside the timed region). ``extra_in
 "bottleneck"``, ``median_ms``, FLOPs (the four convolutions; x3 for forward + backward) and the
 compulsory bytes: inference reads x and writes y; training also writes and re-reads the conv
 outputs z1, z2, z3 (z_d) once and reads dy, writes dx — the minimum the fused design moves.
-``benchmarks/report.py`` does not tabulate these records yet; read them from the JSON.
+``benchmarks/report.py`` tabulates them (``## Bottlenecks``) and checks the fused bottleneck's goals.
 """
 
 import copy
@@ -25,26 +26,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from benchmarks.shapes import ARCHS, throughput
+from benchmarks.shapes import BOTTLENECK_MODES as MODES, bottleneck_shapes, throughput
 from benchmarks.test_block_bench import gpu_time_ms, pedantic_calls
 
 PROVIDERS = ("cudnn", "fused_conv", "fused_block", "compile")
-MODES = ("inference", "train_fwd_bwd")
-
-
-def bottleneck_shapes():
-    """(arch, stage, stride, inplanes, planes, groups, width_per_group, input size) of the first
-    (projection) block and a stride-1 identity block of every stage."""
-    out = []
-    for arch, (_, groups, wpg) in ARCHS.items():
-        for stage in range(1, 5):
-            planes = 64 * 2 ** (stage - 1)
-            size = 56 // 2 ** (stage - 1)
-            stride = 1 if stage == 1 else 2
-            inplanes = 64 if stage == 1 else planes * 2
-            out.append((arch, stage, stride, inplanes, planes, groups, wpg, size * stride))
-            out.append((arch, stage, 1, planes * 4, planes, groups, wpg, size))
-    return out
 
 
 def _label(s):
@@ -77,7 +62,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("bottleneck_case", cases, ids=[f"{_label(s)}-{m}-{p}" for s, m, p in cases])
 
 
-def _setup(s, mode, provider, batch, compile_mode):
+def _setup(s, mode, provider, batch, compile_mode, layout=torch.channels_last):
     import resnext
 
     arch, stage, stride, inplanes, planes, groups, wpg, size = s
@@ -86,11 +71,11 @@ def _setup(s, mode, provider, batch, compile_mode):
         down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
     torch.manual_seed(0)
     block = resnext.Bottleneck(inplanes, planes, stride, down, groups, wpg).cuda()
-    block = block.to(memory_format=torch.channels_last).train(mode != "inference")
+    block = block.to(memory_format=layout).train(mode != "inference")
     if provider in ("fused_conv", "fused_block"):
         block.fused_kernels = provider.removeprefix("fused_")
     net = torch.compile(copy.deepcopy(block), mode=compile_mode) if provider == "compile" else block
-    x = torch.randn(batch, inplanes, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, inplanes, size, size, device="cuda").contiguous(memory_format=layout)
     grads = []
     if mode == "inference":
         def call():
@@ -117,8 +102,17 @@ def _setup(s, mode, provider, batch, compile_mode):
 @pytest.mark.gpu
 def test_bottleneck(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, compile_mode, bottleneck_case):
     s, mode, provider = bottleneck_case
-    call, grads = _setup(s, mode, provider, bench_batch, compile_mode)
-    median_ms = gpu_time_ms(call, grads, l2_flush)
+    layouts = {"channels_last": torch.channels_last}
+    if provider == "cudnn":  # eager PyTorch at its better layout
+        layouts["nchw"] = torch.contiguous_format
+    timed_layouts = {}
+    for name, layout in layouts.items():
+        call, grads = _setup(s, mode, provider, bench_batch, compile_mode, layout)
+        timed_layouts[name] = (gpu_time_ms(call, grads, l2_flush), call, grads)
+        del call, grads
+    layout = min(timed_layouts, key=lambda k: timed_layouts[k][0])
+    median_ms, call, grads = timed_layouts.pop(layout)
+    timed_layouts.clear()
 
     setup, timed = pedantic_calls(call, grads, l2_flush)
     config = ("bottleneck", _label(s), mode, bench_batch)
@@ -131,7 +125,7 @@ def test_bottleneck(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, comp
     benchmark.extra_info.update(
         op="bottleneck", arch=arch, stage=stage, stride=stride, inplanes=inplanes, planes=planes,
         groups=groups, size=size, batch=bench_batch, dtype="bfloat16", mode=mode, provider=provider,
-        median_ms=median_ms, flops=flops, bytes=nbytes, **throughput(flops, nbytes, median_ms, gpu_env["copy_gbps"]),
+        layout=layout, median_ms=median_ms, flops=flops, bytes=nbytes, **throughput(flops, nbytes, median_ms, gpu_env["copy_gbps"]),
         speedup_vs_cudnn=cudnn_times[config] / median_ms if config in cudnn_times else None,
         timer="median of per-call CUDA-event times, L2 flushed, warm-up excluded")
     benchmark.pedantic(timed, setup=setup, rounds=10, warmup_rounds=1)

@@ -1,7 +1,8 @@
 """Model benchmarks: images/s of ResNeXt inference and of one training step.
 
 Providers: ``fused`` (``resnext.create_model(arch, fused_kernels=True)``: every grouped conv + BN +
-ReLU is our kernel), ``cudnn`` (the same model with ``fused_kernels=False``, eager, cudnn.benchmark
+ReLU is our kernel), ``fused_block`` (``fused_kernels="block"``: every whole bottleneck in Triton,
+``kernels/bottleneck.py``), ``cudnn`` (the same model with ``fused_kernels=False``, eager, cudnn.benchmark
 on) and ``compile`` (``torch.compile`` of the unfused model). All run bfloat16 autocast on
 channels_last float32 inputs at ``--bench-batch`` (default 256), halved until the provider's
 model fits; the batch used is recorded.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 ARCHS = ("resnext50_32x4d", "resnext101_32x8d")
 MODES = ("inference", "train")
-PROVIDERS = ("cudnn", "fused", "compile")  # cudnn first: the others' speedups are relative to it
+PROVIDERS = ("cudnn", "fused", "fused_block", "compile")  # cudnn first: the others' speedups are relative to it
 WARMUP_STEPS = 3
 ROUNDS = 15
 
@@ -42,7 +43,8 @@ def _build_step(arch, mode, provider, batch, compile_mode):
     from resnext import create_model  # imported late: collection must work without the package's deps
 
     torch.manual_seed(0)
-    model = create_model(arch, fused_kernels=provider == "fused").cuda().to(memory_format=torch.channels_last)
+    level = {"fused": "conv", "fused_block": "block"}.get(provider, False)
+    model = create_model(arch, fused_kernels=level).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         num_classes = model.eval()(x[:2]).shape[1]

@@ -146,7 +146,14 @@ BLOCK_MS = {
     (0, "train_fwd_bwd"): {"cudnn": 3.0, "compile": 2.5, "fused": 2.0},  # 1.5x
     (1, "train_fwd_bwd"): {"cudnn": 3.0, "compile": 2.5, "fused": 2.0},
 }
-MODEL_SLEEP_S = {"cudnn": 0.02, "compile": 0.015, "fused": 0.01}
+MODEL_SLEEP_S = {"cudnn": 0.02, "compile": 0.015, "fused": 0.01, "fused_block": 0.008}
+# (bottleneck index in bottleneck_shapes(): 0 stage1-proj, 1 stage1-identity, mode) -> ms per provider
+BOTTLENECK_MS = {
+    (0, "inference"): {"cudnn": 2.0, "compile": 1.6, "fused_conv": 1.8, "fused_block": 1.0},  # 2x
+    (1, "inference"): {"cudnn": 1.5, "compile": 1.2, "fused_conv": 1.4, "fused_block": 1.0},  # 1.5x
+    (0, "train_fwd_bwd"): {"cudnn": 6.0, "compile": 5.0, "fused_conv": 5.5, "fused_block": 4.0},  # 1.5x, 1.25x
+    (1, "train_fwd_bwd"): {"cudnn": 4.5, "compile": 4.0, "fused_conv": 4.2, "fused_block": 2.5},  # 1.8x, 1.6x
+}
 ELEMENTWISE = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
                "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)")
 # the fused stage-1 inference case's extra_info["kernels"], deliberately not slowest first
@@ -162,6 +169,18 @@ def _block_info(index, mode, provider, ms):
     if (index, mode, provider) == (0, "inference", "fused"):
         info["kernels"] = KERNELS
     return info
+
+
+def _bottleneck_info(index, mode, provider, ms):
+    from benchmarks.test_bottleneck_bench import bottleneck_shapes, flops_and_bytes
+
+    s = bottleneck_shapes()[index]
+    arch, stage, stride, inplanes, planes, groups, _, size = s
+    flops, nbytes = flops_and_bytes(s, BATCH, mode)
+    return dict(ENV, op="bottleneck", arch=arch, stage=stage, stride=stride, inplanes=inplanes, planes=planes,
+                groups=groups, size=size, batch=BATCH, dtype="bfloat16", mode=mode, provider=provider,
+                layout="nchw" if provider == "cudnn" and index == 1 else "channels_last", median_ms=ms,
+                flops=flops, bytes=nbytes)
 
 
 FAKE_BENCH = textwrap.dedent("""
@@ -187,6 +206,8 @@ def bench_json(tmp_path_factory):
     cases += [{"info": dict(ENV, op="model", arch="resnext50_32x4d", mode=mode, batch=BATCH, dtype="bfloat16",
                             provider=p, images_per_s=-1.0), "sleep": t}  # images_per_s: the report recomputes it
               for mode in ("inference", "train") for p, t in MODEL_SLEEP_S.items()]
+    cases += [{"info": _bottleneck_info(i, mode, p, ms), "sleep": 0.0}
+              for (i, mode), by_p in BOTTLENECK_MS.items() for p, ms in by_p.items()]
     (d / "cases.json").write_text(json.dumps(cases))
     (d / "test_fake.py").write_text(FAKE_BENCH)
     (d / "pytest.ini").write_text("[pytest]\n")
@@ -210,7 +231,13 @@ def test_report_writes_schema(written, bench_json):
                               "git_sha": report.meta(bench_json)["git_sha"], "date": bench_json["datetime"]}
     blocks = [r for r in result["records"] if r["op"] == "block"]
     models = [r for r in result["records"] if r["op"] == "model"]
-    assert len(blocks) == 12 and len(models) == 6
+    bottlenecks = [r for r in result["records"] if r["op"] == "bottleneck"]
+    assert len(blocks) == 12 and len(models) == 8 and len(bottlenecks) == 16
+    assert all(list(r) == list(report.BOTTLENECK_KEYS) for r in bottlenecks)
+    r = next(r for r in bottlenecks if (r["stage"], r["inplanes"], r["mode"], r["provider"])
+             == (1, 64, "inference", "fused_block"))
+    assert (r["median_ms"], r["layout"], r["planes"], r["stride"]) == (1.0, "channels_last", 64, 1)
+    assert r["roofline"] == pytest.approx(r["gbps"] / COPY_GBPS) and r["tflops"] > 0
     profiled = [r for r in blocks if "kernels" in r]
     assert [(r["stage"], r["mode"], r["provider"]) for r in profiled] == [(1, "inference", "fused")]
     assert list(profiled[0]) == [*report.BLOCK_KEYS, "kernels"]
@@ -250,6 +277,15 @@ def test_report_goals(written):
              if r["op"] == "block" and r["mode"] == "inference" and r["provider"] == "fused"]
     assert g["block inference: lowest fused roofline fraction"] == (pytest.approx(min(roofs)), False)
     assert g["resnext50_32x4d train: fused over cudnn images/s"][0] > 1.0
+    # the fused bottleneck's: the least speedup over the blocks measured
+    assert g["bottleneck train_fwd_bwd: fused_block over cudnn, least of resnext50_32x4d's blocks"] == (
+        pytest.approx(1.5), True)
+    assert g["bottleneck train_fwd_bwd: fused_block over compile, least of resnext50_32x4d's blocks"] == (
+        pytest.approx(1.25), True)
+    assert g["bottleneck inference: fused_block over cudnn, least of resnext50_32x4d's blocks"] == (
+        pytest.approx(1.5), True)
+    value, met = g["resnext50_32x4d train: fused_block over cudnn images/s"]
+    assert value > 1.0 and met is not None
     # goals without data are reported as such, not as met or missed
     assert all(met is None for _, _, _, met in report.goals([r for r in recs if r["op"] == "block"])[3:])
 
@@ -260,6 +296,9 @@ def test_report_markdown_and_chart(written):
     assert "| block inference: geomean speedup of fused over cudnn | >= 2.0x | 2.83x | met |" in text
     assert "| stage2/s2 | 256, 256, 56, 56 | 32 | 1.000 | 0.500 | 0.250 |" in text
     assert "## Models" in text and "![" in text
+    assert text.index("## Bottlenecks") < text.index("## Models")
+    assert "| stage1-identity | 1.500 (nchw) | 1.200 | 1.400 | 1.000 |" in text
+    assert "| stage1-proj | 6.000 (cl) | 5.000 | 5.500 | 4.000 |" in text
     assert text.index("## Fused kernels") < text.index("## Models")
     # the kernels' sum 0.485 ms; shares of it; the fourth kernel summed as "1 more"
     assert ("| resnext50_32x4d | bfloat16 | inference | stage1 | 0.500 | 0.485 | "
@@ -357,13 +396,14 @@ def test_report_cli_bad_input_subprocess(case, tmp_path):
 
 
 def test_report_merges_runs(bench_json, tmp_path):
-    """Blocks and models come from separate device calls: one report holds both."""
-    blocks = dict(bench_json, benchmarks=[b for b in bench_json["benchmarks"] if b["extra_info"]["op"] == "block"])
-    models = dict(bench_json, benchmarks=[b for b in bench_json["benchmarks"] if b["extra_info"]["op"] == "model"])
-    assert blocks["benchmarks"] and models["benchmarks"]
-    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    (tmp_path / "models.json").write_text(json.dumps(models))
-    report.main([str(tmp_path / "blocks.json"), str(tmp_path / "models.json"), "--out-dir", str(tmp_path / "out")])
+    """Blocks, bottlenecks and models come from separate device calls: one report holds them all."""
+    parts = []
+    for op in ("block", "bottleneck", "model"):
+        part = dict(bench_json, benchmarks=[b for b in bench_json["benchmarks"] if b["extra_info"]["op"] == op])
+        assert part["benchmarks"]
+        (tmp_path / f"{op}.json").write_text(json.dumps(part))
+        parts.append(str(tmp_path / f"{op}.json"))
+    report.main([*parts, "--out-dir", str(tmp_path / "out")])
     merged = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["records"]
     assert merged == report.records(bench_json)
 
@@ -398,10 +438,10 @@ def test_benchmarks_skip_without_gpu():
                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     cases = _bench_cases()
-    # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 3 providers
+    # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 4 providers
     # + torchvision's resnext50_32x4d patched and not, 2 modes
     # + 16 bottlenecks x 2 modes x 4 providers
-    assert cases == 394 + 128
+    assert cases == 378 + 16 + 4 + 128
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{cases} skipped"), lines[-1]
     assert "passed" not in lines[-1] and "failed" not in lines[-1], lines[-1]
@@ -430,13 +470,20 @@ def test_report_lists_cases_not_measured(written):
     assert "- blocks resnext101_32x8d bfloat16 train_fwd_bwd `cudnn`: stage1," in section
     assert "resnext101_32x8d bfloat16 inference `compile`" not in section  # compile: resnext50_32x4d only
     assert "- model" not in section  # both model modes, every provider
+    assert ("- bottlenecks resnext50_32x4d bfloat16 train_fwd_bwd `fused_block`: stage2-proj/s2, stage2-identity, "
+            "stage3-proj/s2") in section  # the fake measured stage 1's two blocks only
 
 
 def test_report_lists_nothing_when_complete():
     recs = [dict(op="block", arch=s.arch, stage=s.stage, stride=s.stride, dtype="bfloat16", mode=mode, provider=p)
             for s in block_shapes() for mode in MODES for p in ("fused", "cudnn", "compile")]
     recs += [dict(op="model", arch="resnext50_32x4d", mode=mode, provider=p)
-             for mode in ("inference", "train") for p in ("fused", "cudnn", "compile")]
+             for mode in ("inference", "train") for p in ("fused", "fused_block", "cudnn", "compile")]
+    from benchmarks.shapes import BOTTLENECK_MODES, bottleneck_shapes
+
+    recs += [dict(op="bottleneck", arch=b[0], stage=b[1], stride=b[2], inplanes=b[3], planes=b[4], mode=mode,
+                  provider=p) for b in bottleneck_shapes() for mode in BOTTLENECK_MODES
+             for p in ("cudnn", "compile", "fused_conv", "fused_block")]
     assert report.missing_cases(recs) == []
     assert report.missing_cases(recs[1:]) == ["- blocks resnext50_32x4d bfloat16 inference `fused`: stage1"]
 
