@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_session.sh tests                 # versions + the whole suite, interpreter off
 #   bash benchmarks/gpu_session.sh blocks [pytest -k]    # block benchmarks, bfloat16 by default
 #   bash benchmarks/gpu_session.sh bottleneck [pytest -k]  # whole blocks: cudnn, fused_conv, fused_block, compile
-#   bash benchmarks/gpu_session.sh models                # model benchmarks
+#   bash benchmarks/gpu_session.sh models [pytest -k]    # model benchmarks (cudnn, fused, fused_block, compile)
 #   bash benchmarks/gpu_session.sh patch                 # torchvision resnext50_32x4d patched vs not
 #   bash benchmarks/gpu_session.sh report                # merge the JSONs -> benchmarks/results/
 #   bash benchmarks/gpu_session.sh profile [STAGE] [STRIDE]   # ncu of the fused kernels, inference + train
 #   bash benchmarks/gpu_session.sh trainer               # the trainer: eager vs fused, --data, --compile
+#   bash benchmarks/gpu_session.sh trainer-block         # the trainer with every bottleneck fused, and --compile
 #   bash benchmarks/gpu_session.sh host [STAGE]          # host (CPU) time per fused call vs cuDNN, + cProfile
 #   bash benchmarks/gpu_session.sh aot                   # the sm_90 compile report with this machine's triton
 #
@@ -123,11 +124,24 @@ PY
     done | tee "$out/trainer.txt"
     rm -rf "$out"/train-*/*.pt "$out/tiny-imagefolder"  # keep the metrics, not 100 MB checkpoints
     ;;
+  trainer-block)
+    # the whole bottleneck fused (issue 13), as the trainer step's runs: which level trains faster
+    versions
+    common=(--synthetic --arch resnext50_32x4d --amp bf16 --channels-last --batch-size 256 --epochs 1
+            --synthetic-samples 5120 --workers 8)
+    timeout 200 python -m resnext.train "${common[@]}" --fused-kernels block --out "$out/train-block" 2>&1 | tail -3
+    timeout 200 python -m resnext.train "${common[@]}" --fused-kernels block --compile --synthetic-samples 2560 \
+      --out "$out/train-block-compile" 2>&1 | tail -3
+    for run in train-block train-block-compile; do
+      echo "$run: $(tail -1 "$out/$run/metrics.jsonl" 2>/dev/null)"
+    done | tee "$out/trainer-block.txt"
+    rm -rf "$out"/train-*/*.pt
+    ;;
   aot)
     python -m benchmarks.compile_report --out-dir "$out" 2>&1 | tail -20
     ;;
   *)
-    echo "usage: $0 tests|blocks [-k expr]|models|patch|report|profile [stage] [stride]|trainer|aot" >&2
+    echo "usage: $0 tests|blocks [-k expr]|bottleneck [-k expr]|models [-k expr]|patch|report|profile [stage] [stride]|trainer|trainer-block|aot" >&2
     exit 2
     ;;
 esac

@@ -211,15 +211,17 @@ def test_fused_bottleneck_checks_x(device):
 
 @pytest.mark.skipif(INTERPRET, reason="resnext50_32x4d's 16 fused blocks take ~7 minutes under Triton's "
                     "interpreter (the 2-core CI runs resnext_tiny's, above); runs on the GPU")
-def test_block_level_resnext50_within_2x_pytorch_float32_error(device):
+@pytest.mark.parametrize("size", [32, 64])
+def test_block_level_resnext50_within_2x_pytorch_float32_error(size, device):
     """resnext50_32x4d with every bottleneck fused, one training step's forward and backward (batch 2,
-    64x64 images, training BatchNorm): outputs, dx, every gradient and buffer against a float64 copy,
-    our float32 error within 2x PyTorch's own float32 error (+1e-6 of each tensor's scale)."""
+    size x size images, training BatchNorm): outputs, dx, every gradient and buffer against a float64
+    copy, our float32 error within 2x PyTorch's own float32 error (+1e-6 of each tensor's scale).
+    On the interpreter (run by hand) 32x32 held with 1.16x at worst; 64x64 went past 2x somewhere."""
     torch.manual_seed(0)
     eager = resnext.create_model("resnext50_32x4d", num_classes=10).to(device)
     fused = resnext.fuse_kernels(copy.deepcopy(eager), level="block")
     ref = copy.deepcopy(eager).double()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)).to(device)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7)).to(device)
     head = torch.randn(2, 10, generator=torch.Generator().manual_seed(8)).to(device)
     outs = []
     for m, xi in ((fused, x), (eager, x), (ref, x.double())):
