@@ -48,25 +48,39 @@ def chunk_stats(acc, valid_rows, rows_left, CHUNK: tl.constexpr, LOG2_CHUNK: tl.
 
 
 @triton.jit
-def relu_bn_grad_sums(da, z, valid, scale, shift, mean, invstd, OUT_DTYPE: tl.constexpr,
-                      LOG2_CHUNK: tl.constexpr):
-    """The epilogue of a dgrad whose conv read a = relu(bn(z)): BatchNorm's backward sums per chunk.
+def relu_bn_grad_epilogue(da, zin_ptr, offs, valid, offs_c, mask_c, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+                          sum_g_ptr, sum_gx_ptr, first_chunk, end_chunk, C, OUT_DTYPE: tl.constexpr,
+                          CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr):
+    """The epilogue of a dgrad whose conv read a = relu(bn(z)): the ReLU's mask and BatchNorm's
+    backward sums per chunk of CHUNK rows.
 
-    ``da`` (BLOCK_M, C) float32 is the gradient w.r.t. a, ``z`` the BN's input at the same
-    positions, ``valid`` (BLOCK_M, C) where both exist. Returns g = da·[z·scale + shift > 0]
+    ``da`` (BLOCK_M, C) float32 is the gradient w.r.t. a at element offsets ``offs`` of z
+    (``zin_ptr``), ``valid`` (BLOCK_M, C) where they exist; channels ``offs_c`` (``mask_c``) index the
+    BN's (C,) float32 scale, shift, batch mean and invstd. Returns g = da·[z·scale + shift > 0]
     rounded to OUT_DTYPE (what the kernel stores; the sums are of the stored values, so that the
-    rebuilt dz sums to zero over the batch as BatchNorm's does) in float32, and per chunk of
-    2**LOG2_CHUNK rows Σ g and Σ g·x̂, x̂ = (z − mean)·invstd, each (BLOCK_M / 2**LOG2_CHUNK, C),
-    summed by the fixed pairwise tree of ``chunk_stats``: the same bits whatever the pixel tile.
+    rebuilt dz sums to zero over the batch as BatchNorm's does) in float32. Stores Σ g and Σ g·x̂,
+    x̂ = (z − mean)·invstd, of the tile's chunks at rows first_chunk, first_chunk + 1, ... (those
+    below end_chunk) of the (chunks, C) partials, each summed by the fixed pairwise tree of
+    ``chunk_stats``: the same bits whatever the pixel tile. Rows past the data must be invalid.
     """
-    z = z.to(tl.float32)
+    BLOCK_M: tl.constexpr = da.shape[0]
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
+    z = tl.load(zin_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     g = tl.where(valid & (z * scale[None, :] + shift[None, :] > 0), da.to(OUT_DTYPE).to(tl.float32), 0.0)
     gx = g * ((z - mean[None, :]) * invstd[None, :])
-    return g, _pairwise_row_sums(g, LOG2_CHUNK), _pairwise_row_sums(gx, LOG2_CHUNK)
+    rows = first_chunk + tl.arange(0, BLOCK_M // CHUNK)
+    part = rows.to(tl.int64)[:, None] * C + offs_c[None, :]
+    keep = (rows < end_chunk)[:, None] & mask_c[None, :]
+    tl.store(sum_g_ptr + part, _pairwise_row_sums(g, LOG2_CHUNK), mask=keep)
+    tl.store(sum_gx_ptr + part, _pairwise_row_sums(gx, LOG2_CHUNK), mask=keep)
+    return g
 
 
 def grad_sums_partials(chunks, c, device):
-    """Empty (Σg, Σg·x̂) partial buffers of ``relu_bn_grad_sums``, one row per chunk."""
+    """Empty (Σg, Σg·x̂) partial buffers of ``relu_bn_grad_epilogue``, one row per chunk."""
     return (torch.empty((chunks, c), device=device, dtype=torch.float32),
             torch.empty((chunks, c), device=device, dtype=torch.float32))
 

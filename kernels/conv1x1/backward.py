@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .._autotune import autotune
-from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
+from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
 from ..common import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch,
                       pixel_coords, shape_bucket)
 from .forward import k_tile
@@ -205,18 +205,10 @@ def _dgrad_kernel(
     if RESIDUAL:  # the other branch's gradient w.r.t. the same input (the bottleneck's shortcut)
         acc += tl.load(res_ptr + da_offs, mask=valid, other=0.0).to(tl.float32)
     if RELU_BN:  # STRIDE == 1: output pixel m is input pixel m, so chunks are runs of STATS_ROWS pixels
-        in_scale = tl.load(in_scale_ptr + offs_n, mask=mask_n, other=0.0)
-        in_shift = tl.load(in_shift_ptr + offs_n, mask=mask_n, other=0.0)
-        in_mean = tl.load(in_mean_ptr + offs_n, mask=mask_n, other=0.0)
-        in_invstd = tl.load(in_invstd_ptr + offs_n, mask=mask_n, other=0.0)
-        z_in = tl.load(zin_ptr + da_offs, mask=valid, other=0.0)
-        acc, sum_g, sum_gx = relu_bn_grad_sums(acc, z_in, valid, in_scale, in_shift, in_mean, in_invstd,
-                                               da_ptr.dtype.element_ty, _LOG2_STATS_ROWS)
-        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
-        part = offs_t[:, None] * C_in + offs_n[None, :]
-        keep = (offs_t * _STATS_ROWS < M)[:, None] & mask_n[None, :]
-        tl.store(sum_g_ptr + part, sum_g, mask=keep)
-        tl.store(sum_gx_ptr + part, sum_gx, mask=keep)
+        acc = relu_bn_grad_epilogue(acc, zin_ptr, da_offs, valid, offs_n, mask_n, in_scale_ptr, in_shift_ptr,
+                                    in_mean_ptr, in_invstd_ptr, sum_g_ptr, sum_gx_ptr,
+                                    pid_m * (BLOCK_M // _STATS_ROWS), tl.cdiv(M, _STATS_ROWS), C_in,
+                                    da_ptr.dtype.element_ty, _STATS_ROWS, _LOG2_STATS_ROWS)
     tl.store(da_ptr + da_offs, acc.to(da_ptr.dtype.element_ty), mask=valid)
 
 
@@ -388,7 +380,7 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residua
       shift), BatchNorm + ReLU of z_in (N, C_in, H, W) with batch ``mean``/``invstd`` (float32,
       (C_in,)); stride 1 only. dA then carries that ReLU's mask, and the call returns
       ``(dA, (Σg, Σg·x̂))``: BatchNorm's backward sums over the pixels (float32, (C_in,)), from
-      per-chunk partials (``kernels.batchnorm.stats.relu_bn_grad_sums``) summed in a fixed order.
+      per-chunk partials (``kernels.batchnorm.stats.relu_bn_grad_epilogue``) summed in a fixed order.
     """
     _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_M", "BLOCK_N"))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != g.shape[1] \

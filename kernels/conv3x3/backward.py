@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._autotune import autotune
-from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_sums
+from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
 from ..common import (INTERPRET, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch, pixel_coords,
                       reduction_splits, shape_bucket)
 from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs,
@@ -133,19 +133,12 @@ def _bwd_dx_kernel(
     valid = mask_m[:, None] & mask_ci[None, :]
     if RELU_BN:
         # chunks are runs of STATS_ROWS pixels of one parity class, in the class's own order
-        in_scale = tl.load(in_scale_ptr + offs_ci, mask=mask_ci, other=0.0)
-        in_shift = tl.load(in_shift_ptr + offs_ci, mask=mask_ci, other=0.0)
-        in_mean = tl.load(in_mean_ptr + offs_ci, mask=mask_ci, other=0.0)
-        in_invstd = tl.load(in_invstd_ptr + offs_ci, mask=mask_ci, other=0.0)
-        z_in = tl.load(zin_ptr + dx_offs, mask=valid, other=0.0)
-        acc, sum_g, sum_gx = relu_bn_grad_sums(acc, z_in, valid, in_scale, in_shift, in_mean, in_invstd,
-                                               dx_ptr.dtype.element_ty, _LOG2_STATS_ROWS)
         class_chunks = tl.cdiv(N * HC * WC, _STATS_ROWS)
-        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
-        part = (cls * class_chunks + offs_t).to(tl.int64)[:, None] * C_in + offs_ci[None, :]
-        keep = (offs_t < class_chunks)[:, None] & mask_ci[None, :]
-        tl.store(sum_g_ptr + part, sum_g, mask=keep)
-        tl.store(sum_gx_ptr + part, sum_gx, mask=keep)
+        acc = relu_bn_grad_epilogue(acc, zin_ptr, dx_offs, valid, offs_ci, mask_ci, in_scale_ptr, in_shift_ptr,
+                                    in_mean_ptr, in_invstd_ptr, sum_g_ptr, sum_gx_ptr,
+                                    cls * class_chunks + pid_m * (BLOCK_M // _STATS_ROWS),
+                                    (cls + 1) * class_chunks, C_in, dx_ptr.dtype.element_ty, _STATS_ROWS,
+                                    _LOG2_STATS_ROWS)
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
