@@ -105,14 +105,14 @@ def test_bottleneck(benchmark, gpu_env, cudnn_times, l2_flush, bench_batch, comp
     layouts = {"channels_last": torch.channels_last}
     if provider == "cudnn":  # eager PyTorch at its better layout
         layouts["nchw"] = torch.contiguous_format
-    timed_layouts = {}
-    for name, layout in layouts.items():
-        call, grads = _setup(s, mode, provider, bench_batch, compile_mode, layout)
-        timed_layouts[name] = (gpu_time_ms(call, grads, l2_flush), call, grads)
-        del call, grads
-    layout = min(timed_layouts, key=lambda k: timed_layouts[k][0])
-    median_ms, call, grads = timed_layouts.pop(layout)
-    timed_layouts.clear()
+    best = None  # (median ms, layout name, call, grads) of the faster layout
+    for name, memory_format in layouts.items():
+        call, grads = _setup(s, mode, provider, bench_batch, compile_mode, memory_format)
+        ms = gpu_time_ms(call, grads, l2_flush)
+        if best is None or ms < best[0]:
+            best = (ms, name, call, grads)
+        del call, grads  # the slower layout's block and tensors go as soon as best lets go of them
+    median_ms, layout, call, grads = best
 
     setup, timed = pedantic_calls(call, grads, l2_flush)
     config = ("bottleneck", _label(s), mode, bench_batch)

@@ -277,9 +277,9 @@ def _set_fused(model: nn.Module, value, strict: bool = True) -> nn.Module:
         from kernels.bottleneck import unfusable_reason
 
         names = {id(m): name for name, m in model.named_modules()}
-        refused = [(names[id(b)], why) for b in ours if (why := unfusable_reason(b)) is not None]
+        refused = [(names[id(b)], b, why) for b in ours if (why := unfusable_reason(b)) is not None]
         if refused:  # as above: all or nothing when strict
-            lines = "\n".join(f"  {name}: {why}" for name, why in refused)
+            lines = "\n".join(f"  {name}: {why}" for name, _, why in refused)
             if strict or len(refused) == len(ours):
                 hint = ("; fuse_kernels(model, level='block', strict=False) fuses the others and leaves these "
                         "to PyTorch" if len(refused) < len(ours) else "")
@@ -287,7 +287,7 @@ def _set_fused(model: nn.Module, value, strict: bool = True) -> nn.Module:
                                  f"its {len(ours)} blocks exactly, nothing was changed{hint}:\n{lines}")
             warnings.warn(f"fuse_kernels: left {len(refused)} of {len(ours)} blocks of {type(model).__name__} "
                           f"to PyTorch:\n{lines}", stacklevel=3)
-            left = {id(b) for b in ours if unfusable_reason(b) is not None}
+            left = {id(b) for _, b, _ in refused}
     for block in ours:
         block.fused_kernels = False if id(block) in left else value
     return model
