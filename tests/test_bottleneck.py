@@ -209,34 +209,57 @@ def test_fused_bottleneck_checks_x(device):
         fused_bottleneck(torch.randn(2, 16, 6, 6, device=device), block)
 
 
-@pytest.mark.skipif(INTERPRET, reason="resnext50_32x4d's 16 fused blocks take ~7 minutes under Triton's "
-                    "interpreter (the 2-core CI runs resnext_tiny's, above); runs on the GPU")
-@pytest.mark.parametrize("size", [32, 64])
-def test_block_level_resnext50_within_2x_pytorch_float32_error(size, device):
-    """resnext50_32x4d with every bottleneck fused, one training step's forward and backward (batch 2,
-    size x size images, training BatchNorm): outputs, dx, every gradient and buffer against a float64
-    copy, our float32 error within 2x PyTorch's own float32 error (+1e-6 of each tensor's scale).
-    On the interpreter (run by hand) 32x32 held with 1.16x at worst; 64x64 went past 2x somewhere."""
+def _model_step(model, x, head):
+    """One forward and backward: [y, dx, every parameter's gradient, every buffer]."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    (y * head.to(x.dtype)).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
+
+
+def check_block_level_resnext50(size, device, perturbed_runs=4):
+    """resnext50_32x4d with every bottleneck fused vs the eager model, one training step (batch 2,
+    size x size images, training BatchNorm), every output, gradient and buffer against a float64 copy.
+
+    PyTorch's own float32 error is taken as the worst of the eager model's error on x and on
+    ``perturbed_runs`` copies of x changed by one float32 rounding (2^-24 relative): all are float32
+    results for the same float64 problem. Measured at 64x64 on the interpreter (batch 2: stage 4
+    normalises over 8 pixels), that error is ill-conditioned: one such change moved PyTorch's error on
+    d.layer4.2.bn3.weight 64x and put 3-15 tensors past 2x the unperturbed error, so judging against
+    one eager run tests luck (our 2.44x at worst there, on d.layer3.4.conv3.weight, where one
+    perturbed eager run itself reached 2.36x). Returns our worst ratio to that envelope."""
     torch.manual_seed(0)
     eager = resnext.create_model("resnext50_32x4d", num_classes=10).to(device)
     fused = resnext.fuse_kernels(copy.deepcopy(eager), level="block")
     ref = copy.deepcopy(eager).double()
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7)).to(device)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
     head = torch.randn(2, 10, generator=torch.Generator().manual_seed(8)).to(device)
-    outs = []
-    for m, xi in ((fused, x), (eager, x), (ref, x.double())):
-        xi = xi.clone().requires_grad_()
-        y = m(xi)
-        (y * head.to(xi.dtype)).sum().backward()
-        outs.append([y.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers()))
+    exact = _model_step(ref, x.double().to(device), head)
+    ours = _model_step(fused, x.to(device), head)
+    theirs = [_model_step(copy.deepcopy(eager), x.to(device), head)]
+    for seed in range(perturbed_runs):
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + seed))
+        theirs.append(_model_step(copy.deepcopy(eager), (x * (1 + 2.0**-24 * noise)).to(device), head))
     names = ["y", "dx"] + [f"d.{k}" for k, _ in eager.named_parameters()] + [f"b.{k}" for k, _ in eager.named_buffers()]
     worst = 0.0
-    for name, a, b, c in zip(names, *outs):
+    for i, (name, c) in enumerate(zip(names, exact)):
         if not c.is_floating_point():
-            assert torch.equal(a, c), name
+            assert torch.equal(ours[i], c), name
             continue
-        err, torch_err = (a.double() - c).abs().max().item(), (b.double() - c).abs().max().item()
+        err = (ours[i].double() - c).abs().max().item()
+        torch_err = max((run[i].double() - c).abs().max().item() for run in theirs)
         floor = 1e-6 * max(c.abs().max().item(), 1e-30)
         assert err <= 2 * torch_err + floor, f"{name}: {err:.3g} vs PyTorch's {torch_err:.3g}"
         worst = max(worst, err / (torch_err + floor))
     assert worst > 0  # the comparison saw rounding at all
+    return worst
+
+
+@pytest.mark.skipif(INTERPRET, reason="resnext50_32x4d's 16 fused blocks take ~5 minutes under Triton's "
+                    "interpreter (the 2-core CI runs resnext_tiny's, above); runs on the GPU")
+@pytest.mark.parametrize("size", [32, 64])
+def test_block_level_resnext50_within_2x_pytorch_float32_error(size, device):
+    """Within 2x PyTorch's own float32 error (check_block_level_resnext50). On the interpreter, run
+    by hand: 32x32 at 1.16x at worst against the unperturbed eager run alone; 64x64 at 1.35x at
+    worst against the envelope of 4 perturbed runs (2.44x against the unperturbed run alone)."""
+    check_block_level_resnext50(size, device)
