@@ -30,6 +30,24 @@ def pointwise_tiles(c):
     return POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
 
 
+def describe(t):
+    """An argument as an error message shows it: a tensor's shape, else its type."""
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_channel_vector(name, t, c, c_name, ref, ref_name, contiguous=False):
+    """Raise ValueError naming ``name`` unless ``t`` is a (c,) float32 tensor on ``ref``'s device
+    (and contiguous, when the launcher passes it to a kernel as it is)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != c:
+        raise ValueError(f"{name} must be a 1-D tensor of {c_name}={c} elements, got {describe(t)}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {t.dtype}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 def dot_options(dtype):
     """The ``UPCAST`` and ``PRECISION`` meta-parameters of ``dot_acc`` for operands of ``dtype``.
 

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import INTERPRET, pointwise_tiles, reduction_splits
+from ..common import INTERPRET, check_channel_vector, pointwise_tiles, reduction_splits
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_WARPS = 4
@@ -203,19 +203,9 @@ def _check_activation(t, name, like=None):
 
 def _check_channel_vectors(vectors, z3, optional=()):
     """(C,) contiguous float32 tensors on z3's device; those named in ``optional`` may be None."""
-    c = z3.shape[1]
     for name, t in vectors.items():
-        if t is None and name in optional:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != c:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 1-D tensor of C={c} elements, got {shape}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
-        if t.device != z3.device:
-            raise ValueError(f"{name} is on {t.device} but z3 is on {z3.device}")
+        if t is not None or name not in optional:
+            check_channel_vector(name, t, z3.shape[1], "C", z3, "z3", contiguous=True)
 
 
 def _check_projection(given):

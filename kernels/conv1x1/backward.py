@@ -38,8 +38,8 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
-from ..common import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch,
-                      pixel_coords, shape_bucket)
+from ..common import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, check_channel_vector, describe, dot_acc,
+                      dot_options, launch, pixel_coords, shape_bucket)
 from .forward import k_tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -294,13 +294,9 @@ def wgrad_splits(m, c_out, c_in, device):
     return max(1, min(target, triton.cdiv(m, MIN_SPLIT_ROWS)))
 
 
-def _describe(t):
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_activation(name, t):
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D tensor, got {_describe(t)}")
+        raise ValueError(f"{name} must be a 4-D tensor, got {describe(t)}")
     if t.dtype not in _DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.device.type == "cpu" and not INTERPRET:
@@ -313,20 +309,11 @@ def _check_activation(name, t):
 def _check_like(name, t, ref, ref_name, shape=None):
     """``t`` is a tensor of ``ref``'s dtype and device, and of ``shape`` when given."""
     if not isinstance(t, torch.Tensor) or (shape is not None and tuple(t.shape) != tuple(shape)):
-        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {_describe(t)}")
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {describe(t)}")
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} dtype {t.dtype} must match {ref_name} dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _check_vector(name, t, c, c_name, device):
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != c:
-        raise ValueError(f"{name} must be a 1-D tensor of {c_name}={c} elements, got {_describe(t)}")
-    if t.dtype != torch.float32:
-        raise ValueError(f"{name} must be float32, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
 
 
 def _check_common(g, z, coeffs, stride, mask, config, tiles):
@@ -336,9 +323,9 @@ def _check_common(g, z, coeffs, stride, mask, config, tiles):
         raise ValueError(f"g has no channels (shape {tuple(g.shape)})")
     _check_like("z", z, g, "g", g.shape)
     if not isinstance(coeffs, (tuple, list)) or len(coeffs) != 4:
-        raise ValueError(f"coeffs must be (scale, shift, k1, k0), got {_describe(coeffs)}")
+        raise ValueError(f"coeffs must be (scale, shift, k1, k0), got {describe(coeffs)}")
     for name, t in zip(("scale", "shift", "k1", "k0"), coeffs):
-        _check_vector(f"coeffs ({name})", t, g.shape[1], "C_out", g.device)
+        check_channel_vector(f"coeffs ({name})", t, g.shape[1], "C_out", g, "g")
     if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     if not isinstance(mask, bool):
@@ -385,7 +372,7 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residua
     _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_M", "BLOCK_N"))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != g.shape[1] \
             or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] == 0:
-        raise ValueError(f"weight must be (C_out={g.shape[1]}, C_in >= 1, 1, 1), got {_describe(weight)}")
+        raise ValueError(f"weight must be (C_out={g.shape[1]}, C_in >= 1, 1, 1), got {describe(weight)}")
     _check_like("weight", weight, g, "g")
     if not (isinstance(x_shape, (tuple, list, torch.Size)) and len(x_shape) == 4
             and all(isinstance(v, int) and not isinstance(v, bool) for v in x_shape)):
@@ -400,10 +387,10 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residua
         if stride != 1:
             raise ValueError(f"relu_bn needs stride 1 (its sums run over output pixels), got stride {stride}")
         if not isinstance(relu_bn, (tuple, list)) or len(relu_bn) != 5:
-            raise ValueError(f"relu_bn must be (z_in, scale, shift, mean, invstd), got {_describe(relu_bn)}")
+            raise ValueError(f"relu_bn must be (z_in, scale, shift, mean, invstd), got {describe(relu_bn)}")
         _check_like("relu_bn (z_in)", relu_bn[0], g, "g", x_shape)
         for name, t in zip(("scale", "shift", "mean", "invstd"), relu_bn[1:]):
-            _check_vector(f"relu_bn ({name})", t, c_in, "C_in", g.device)
+            check_channel_vector(f"relu_bn ({name})", t, c_in, "C_in", g, "g")
     _, c_out, ho, wo = g.shape
     da = torch.empty((n, c_in, h, w), device=g.device, dtype=weight.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
@@ -454,8 +441,8 @@ def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scal
         raise ValueError("in_scale and in_shift must be given together (the prologue needs both)")
     prologue = in_scale is not None
     if prologue:
-        _check_vector("in_scale", in_scale, c_in, "C_in", x.device)
-        _check_vector("in_shift", in_shift, c_in, "C_in", x.device)
+        check_channel_vector("in_scale", in_scale, c_in, "C_in", x, "x")
+        check_channel_vector("in_shift", in_shift, c_in, "C_in", x, "x")
     ho, wo = g.shape[2:]
     m = n * ho * wo
     if m == 0:  # a sum over no pixels

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import STATS_ROWS, chunk_stats, partials
-from ..common import INTERPRET, MIN_DOT, dot_acc, dot_options, launch, pixel_coords, shape_bucket
+from ..common import (INTERPRET, MIN_DOT, check_channel_vector, describe, dot_acc, dot_options, launch, pixel_coords,
+                      shape_bucket)
 
 # as constexprs: jit functions may read only globals declared so
 _STATS_ROWS = tl.constexpr(STATS_ROWS)
@@ -161,7 +162,7 @@ def _conv1x1_kernel(
 def _check_inputs(x, weight, stride, in_scale, in_shift, config):
     """Raise ValueError naming the argument for anything the kernel does not compute."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C_in, H, W), got {_describe(x)}")
+        raise ValueError(f"x must be a 4-D tensor (N, C_in, H, W), got {describe(x)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type == "cpu" and not INTERPRET:
@@ -173,7 +174,7 @@ def _check_inputs(x, weight, stride, in_scale, in_shift, config):
     if c_in == 0:
         raise ValueError(f"x has no input channels (shape {tuple(x.shape)})")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != (c_in, 1, 1):
-        raise ValueError(f"weight must be (C_out, C_in={c_in}, 1, 1), got {_describe(weight)}")
+        raise ValueError(f"weight must be (C_out, C_in={c_in}, 1, 1), got {describe(weight)}")
     if weight.shape[0] == 0:
         raise ValueError("weight has no output channels (C_out must be >= 1)")
     if weight.dtype != x.dtype:
@@ -185,14 +186,8 @@ def _check_inputs(x, weight, stride, in_scale, in_shift, config):
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together (the prologue needs both)")
     for name, t in (("in_scale", in_scale), ("in_shift", in_shift)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != c_in:
-            raise ValueError(f"{name} must be a 1-D tensor of C_in={c_in} elements, got {_describe(t)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t is not None:
+            check_channel_vector(name, t, c_in, "C_in", x, "x")
     if config is not None and not isinstance(config, triton.Config):
         raise ValueError(f"config must be a triton.Config or None, got {type(config).__name__}")
     if config is not None:
@@ -200,10 +195,6 @@ def _check_inputs(x, weight, stride, in_scale, in_shift, config):
         if not (isinstance(block_m, int) and block_m % STATS_ROWS == 0 and isinstance(block_n, int)):
             raise ValueError(f"config must set BLOCK_M (a multiple of {STATS_ROWS}) and BLOCK_N, "
                              f"got {config.kwargs}")
-
-
-def _describe(t):
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def conv1x1_forward(x, weight, stride=1, *, in_scale=None, in_shift=None, compute_stats=False, config=None):
