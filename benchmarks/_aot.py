@@ -13,8 +13,8 @@ launch into an ahead-of-time compile for sm_90 and record it:
   survives the autotuner's own ``prune_configs`` (its ``pre_hook``, ``reset_to_zero`` and
   ``restore_value`` never run: nothing is launched, so they have nothing to protect);
 * host-side CUDA queries the launchers make (``torch.cuda.get_device_properties`` for the SM
-  count) answer for an H100 SXM, and the op's refusal of CPU tensors with the interpreter off is
-  lifted for its input check only.
+  count) answer for an H100 SXM, and the launchers' refusal of CPU tensors with the interpreter off
+  is lifted (``kernels.common.CPU_TENSORS_OK``).
 
 Every hook was checked against triton 3.9.0 and 3.6.0 (line numbers below are 3.9.0's).
 Nothing here names a kernel or an argument: kernels and their variants come from the launches.
@@ -119,11 +119,6 @@ _H100 = types.SimpleNamespace(
 _ORIGINAL = {}
 
 
-# (module, function) of the input checks that refuse CPU tensors with the interpreter off
-_CPU_CHECKS = (("kernels.grouped_conv_bn_relu", "_check_inputs"), ("kernels.conv1x1.forward", "_check_inputs"),
-               ("kernels.conv1x1.backward", "_check_activation"), ("kernels.batchnorm.tail", "_check_activation"))
-
-
 def install():
     """Install the hooks in this process (idempotent) and import the op; returns its module."""
     if not _ORIGINAL:
@@ -136,28 +131,12 @@ def install():
         torch.cuda.get_device_capability = lambda device=None: (_H100.major, _H100.minor)
         torch.cuda.current_device = lambda: 0
         torch.cuda.device = _NoDeviceGuard
-    import importlib
-
+    import kernels.common
     import kernels.grouped_conv_bn_relu as op
 
-    # The op and the block's kernels refuse CPU tensors unless their module's INTERPRET flag is
-    # set. Set it for their input checks only, so every other check still runs and nothing else
-    # reads the flag.
-    for module, name in _CPU_CHECKS:
-        mod = importlib.import_module(module)
-        check = getattr(mod, name, None)
-        if check is None or not hasattr(mod, "INTERPRET") or getattr(check, "_aot", False):
-            continue
-
-        def checked(*args, _mod=mod, _check=check, **kwargs):
-            saved, _mod.INTERPRET = _mod.INTERPRET, True
-            try:
-                return _check(*args, **kwargs)
-            finally:
-                _mod.INTERPRET = saved
-
-        checked._aot = True
-        setattr(mod, name, checked)
+    # The launchers refuse CPU tensors with the interpreter off; their stand-ins here are CPU tensors.
+    # Every other check still runs.
+    kernels.common.CPU_TENSORS_OK = True
     return op
 
 

@@ -32,15 +32,18 @@ def cache_enabled():
     return SUPPORTS_CACHE and os.environ.get("RESNEXT_AUTOTUNE_CACHE", "1") != "0"
 
 
-def autotune(configs, key, **kwargs):
-    """``triton.autotune(configs=configs, key=key, **kwargs)``, with ``cache_results=True``
-    where this Triton supports it (see the module docstring)."""
+def autotune(config_factory, key, **kwargs):
+    """``triton.autotune(configs=config_factory(), key=key, **kwargs)``, with ``cache_results=True``
+    where this Triton supports it (see the module docstring). ``config_factory(interpret=...)``
+    gives the configs of the interpreter or of a GPU; the tuner keeps the GPU's as ``gpu_configs``
+    (``kernels.common.gpu_tiles`` launches them on the CPU too)."""
     if cache_enabled():
         kwargs.setdefault("cache_results", True)
-    decorate = triton.autotune(configs=configs, key=key, **kwargs)
+    decorate = triton.autotune(configs=config_factory(), key=key, **kwargs)
 
     def decorator(fn):
         tuner = decorate(fn)
+        tuner.gpu_configs = config_factory(interpret=False)
         MADE.append(tuner)
         return tuner
 

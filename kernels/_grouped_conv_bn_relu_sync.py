@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from .batchnorm import pointwise
 from .batchnorm.stats import local_stats
+from .common import TILES, on_device
 from .conv3x3 import backward, forward
-from .grouped_conv_bn_relu import _grad_strides, _on_device, _output_strides, _with_strides
+from .grouped_conv_bn_relu import _grad_strides, _output_strides, _with_strides
 
 
 def _gather_stats(count, mean, m2, group):
@@ -88,37 +89,38 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, z, stats = ctx.saved_tensors
-        stride, padding, groups, total, group = ctx.conf
-        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        mean, invstd, scale, shift = stats.unbind()
-        dy = dy.contiguous(memory_format=torch.channels_last).to(z.dtype)
-        if x.shape[0]:
-            sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
-        else:
-            sum_g = sum_gx = torch.zeros_like(mean)
-        sums = torch.cat((sum_g, sum_gx))
-        dist.all_reduce(sums, group=group)
-        coeffs = (scale, shift, *pointwise.bn_backward_coeffs(sums.chunk(2), scale, mean, invstd, total))
-        dx = dw = None
-        if x.shape[0]:
-            dz = pointwise.bn_relu_bwd(dy, z, coeffs) if backward.MATERIALIZE_DZ and (need_x or need_w) else None
-            if need_x:
-                dx = _with_strides(backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
-                                   _grad_strides(x))
-            if need_w:
-                dw = backward.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs,
-                                  groups, stride, padding, dz=dz)
-        else:
-            dx = torch.empty_strided(x.shape, _grad_strides(x), dtype=x.dtype, device=x.device) if need_x else None
-            dw = torch.zeros_like(weight) if need_w else None
-        return (dx, dw, sum_gx if need_gamma else None, sum_g if need_beta else None, *[None] * 8)
+        with on_device(dy):  # the autograd engine may run this on another thread
+            x, weight, z, stats = ctx.saved_tensors
+            stride, padding, groups, total, group = ctx.conf
+            need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+            mean, invstd, scale, shift = stats.unbind()
+            dy = dy.contiguous(memory_format=torch.channels_last).to(z.dtype)
+            if x.shape[0]:
+                sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
+            else:
+                sum_g = sum_gx = torch.zeros_like(mean)
+            sums = torch.cat((sum_g, sum_gx))
+            dist.all_reduce(sums, group=group)
+            coeffs = (scale, shift, *pointwise.bn_backward_coeffs(sums.chunk(2), scale, mean, invstd, total))
+            dx = dw = None
+            if x.shape[0]:
+                dz = pointwise.bn_relu_bwd(dy, z, coeffs) if TILES.materialize_dz and (need_x or need_w) else None
+                if need_x:
+                    dx = backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz)
+                    dx = _with_strides(dx, _grad_strides(x))
+                if need_w:
+                    dw = backward.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs,
+                                      groups, stride, padding, dz=dz)
+            else:
+                dx = x.new_empty_strided(x.shape, _grad_strides(x)) if need_x else None
+                dw = torch.zeros_like(weight) if need_w else None
+            return (dx, dw, sum_gx if need_gamma else None, sum_g if need_beta else None, *[None] * 8)
 
 
 @torch.compiler.disable
 def sync_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, padding,
                               groups, eps, momentum, group):
     """Training-mode fused op with the batch statistics of every rank of ``group`` (checked inputs)."""
-    with _on_device(x):
+    with on_device(x):
         return SyncGroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                            padding, groups, eps, momentum, group)

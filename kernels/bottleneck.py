@@ -20,6 +20,10 @@ Backward, again one kernel per arrow and no pass of its own for any BatchNorm or
 Every dz is rebuilt as the kernels load it, dz = scale·g + k1·z + k0 (``kernels.conv3x3.backward``), from the
 masked gradient g the kernel above stored and the BatchNorm's sums its epilogue emitted. Float32
 accumulation and fixed-order float32 reductions throughout.
+
+NaN and inf as in the op (``kernels.grouped_conv_bn_relu``, Limitations): never fewer non-finite
+values than the eager block, more where block-diagonal packing multiplies them by zeros. The
+kernels launch on the input's device (``kernels.common.on_device``), forward and backward.
 """
 
 import torch
@@ -30,6 +34,7 @@ from .batchnorm.stats import bn_stats
 from .batchnorm.tail import tail_backward, tail_forward
 from .conv1x1.backward import conv1x1_dgrad, conv1x1_wgrad
 from .conv1x1.forward import conv1x1_forward
+from .common import on_device
 from .conv3x3 import backward, forward
 from .grouped_conv_bn_relu import bn_call_args
 
@@ -81,6 +86,11 @@ class _FusedBottleneck(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with on_device(dy):  # the autograd engine may run this on another thread
+            return _FusedBottleneck._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, w1, w2, w3, wd, z1, z2, z3, zd = ctx.saved_tensors
         f1, f2, f3, fd = ctx.folds
         t1, t2, t3, *td = ctx.training
@@ -206,7 +216,8 @@ def fused_bottleneck(x, block):
     affine = []
     for a in args:
         affine += [None, None] if a is None else [a[0], a[1]]
-    return _FusedBottleneck.apply(x, *weights, *affine, tuple(args), block.conv2.stride[0], block.conv2.groups)
+    with on_device(x):
+        return _FusedBottleneck.apply(x, *weights, *affine, tuple(args), block.conv2.stride[0], block.conv2.groups)
 
 
 class FusedBottleneck(nn.Module):

@@ -1,33 +1,104 @@
-"""Triton helpers every kernel family shares: the interpreter switch, tl.dot with its precision,
-forced-config launches, batch-size buckets for autotune keys, and BatchNorm + ReLU's gradient.
+"""Triton helpers every kernel family shares: the interpreter switch and the tiles that differ
+under it, the activation dtypes and the device check, the device guard, tl.dot with its precision,
+forced-config launches, batch-size buckets for autotune keys, and ReLU / BatchNorm + ReLU's gradient.
 
 Kernel families: ``kernels/conv3x3`` (the grouped 3x3 conv), ``kernels/conv1x1`` (the 1x1 GEMMs of
 the bottleneck), ``kernels/batchnorm`` (statistics, reductions and pointwise kernels).
 """
 
-import os
+import contextlib
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated; the launchers read this copy.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from . import interpreter_enabled
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated; the launchers read this copy (one rule
+# for what turns it on: kernels.interpreter_enabled).
+INTERPRET = interpreter_enabled()
 
 if INTERPRET:
     from . import _interpreter_speedups  # noqa: F401  (patches Triton's interpreter on import)
 
+# Activation dtypes every kernel takes (float32 accumulation; BatchNorm tensors are float32).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whether the launchers take CPU tensors: under the interpreter only (the compile report, which
+# runs the launchers on CPU stand-ins for a GPU it compiles for, switches it on for itself).
+CPU_TENSORS_OK = INTERPRET
+
 # Smallest tl.dot extent the GPU compiler accepts for 16-bit operands (the interpreter accepts
 # anything, which is why every tile below is clamped to it explicitly).
 MIN_DOT = 16
-# Pixel tile of the pointwise and reduction kernels. The interpreter runs programs one after
-# another at a fixed Python cost per block op, so it gets far fewer, larger programs.
-POINTWISE_BLOCK_M = 4096 if INTERPRET else 64
+
+
+@dataclasses.dataclass
+class Tiles:
+    """What the kernels run differently on a GPU and under Triton's interpreter, in one place.
+
+    The interpreter runs programs one after another at a fixed Python cost per block op, so it
+    gets few, huge tiles, one config per kernel, and dz written to memory once instead of rebuilt
+    by every tap. ``gpu_tiles()`` makes the interpreter run the GPU's instead (tests: the GPU's
+    composition, loops and masked tails on the CPU). Read at call time, never copied.
+    """
+
+    pointwise_block_m: int  # pixel tile of the pointwise and reduction kernels
+    # Pixels per tl.dot in the weight gradients, and the granularity of every pixel split: fixed,
+    # not tuned, so that the float32 sums run in the same order whatever config autotuning picks
+    # (each dot accumulates its K blocks in order, so only the dot's extent and the split edges matter).
+    wgrad_block_k: int
+    min_split_rows: int  # fewest pixels per 1x1 weight-gradient split
+    materialize_dz: bool  # the op's backward writes dz once (kernels.batchnorm.pointwise.bn_relu_bwd)
+    gpu_configs: bool  # autotuned kernels launch a GPU config (the first their pruning keeps)
+
+
+GPU_TILES = Tiles(pointwise_block_m=64, wgrad_block_k=64, min_split_rows=2048, materialize_dz=False,
+                  gpu_configs=True)
+INTERPRETER_TILES = Tiles(pointwise_block_m=4096, wgrad_block_k=4096, min_split_rows=16384, materialize_dz=True,
+                          gpu_configs=False)
+TILES = dataclasses.replace(INTERPRETER_TILES if INTERPRET else GPU_TILES)
+# SM count the GPU tiles size their splits with where there is no GPU (gpu_tiles() on the CPU): an H200's
+STAND_IN_SMS = 132
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """Run the kernels with the GPU's tiles, configs and composition, also under the interpreter."""
+    saved = dataclasses.replace(TILES)
+    for field in dataclasses.fields(Tiles):
+        setattr(TILES, field.name, getattr(GPU_TILES, field.name))
+    try:
+        yield TILES
+    finally:
+        for field in dataclasses.fields(Tiles):
+            setattr(TILES, field.name, getattr(saved, field.name))
 
 
 def pointwise_tiles(c):
     """(BLOCK_M, BLOCK_C) of the pointwise and reduction kernels over (pixels, C) tensors."""
-    return POINTWISE_BLOCK_M, min(64, triton.next_power_of_2(c))
+    return TILES.pointwise_block_m, min(64, triton.next_power_of_2(c))
+
+
+def check_device(name, t):
+    """Raise ValueError naming ``name`` unless tensor ``t`` is where the kernels can run: a CUDA
+    GPU, or the CPU under Triton's interpreter."""
+    if t.device.type == "cpu" and not CPU_TENSORS_OK:
+        raise ValueError(f"{name} is a CPU tensor but Triton's interpreter is off: move the tensors to a CUDA "
+                         "GPU, or set TRITON_INTERPRET=1 (kernels.enable_interpreter()) before importing the kernels")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be a CUDA tensor (or CPU under the interpreter), got device {t.device}")
+
+
+def _device_guard(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_device(t):
+    """Make ``t``'s device the current one while the kernels launch: Triton launches on the *current*
+    CUDA device (e.g. a DDP rank that never called torch.cuda.set_device). Every public entry point
+    and every backward runs its launches inside it."""
+    return _device_guard(t.device)
 
 
 def describe(t):
@@ -57,12 +128,6 @@ def dot_options(dtype):
     return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee")
 
 
-# Pixels per tl.dot in the weight gradient, and the granularity of every pixel split: fixed, not
-# tuned, so that the float32 sums run in the same order whatever config autotuning picks (each
-# dot accumulates its K blocks in order, so only the dot's extent and the split edges matter).
-WGRAD_BLOCK_K = 4096 if INTERPRET else 64
-
-
 def shape_bucket(n):
     """Bucket the batch size for autotune keys: bounded recompiles and re-tunes across batch sizes."""
     return triton.next_power_of_2(max(int(n), 1))
@@ -71,14 +136,32 @@ def shape_bucket(n):
 def reduction_splits(m, device):
     """How many pixel ranges the reductions split into: a fixed function of the problem and
     the device, so results are bit-identical from run to run."""
-    if INTERPRET:
+    if not TILES.gpu_configs:
         return max(1, min(4, triton.cdiv(m, 16384)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms, triton.cdiv(m, 2048)))
+    return max(1, min(2 * multiprocessors(device), triton.cdiv(m, 2048)))
+
+
+def multiprocessors(device):
+    """The SM count of ``device`` (a stand-in's where the GPU tiles run on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return STAND_IN_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def first_kept_config(kernel, args, meta):
+    """The first of an autotuned kernel's GPU configs that its own pruning keeps for these arguments."""
+    configs = kernel.gpu_configs
+    prune = kernel.early_config_prune
+    kept = prune(configs, dict(zip(kernel.arg_names, args)), **meta) if prune and len(configs) > 1 else configs
+    return kept[0]
 
 
 def launch(kernel, grid, config, *args, **meta):
-    """Launch an autotuned kernel, or force one of its configs (tests run every shipped config)."""
+    """Launch an autotuned kernel, or force one of its configs (tests run every shipped config).
+    Under ``gpu_tiles()`` on the interpreter, the first GPU config that the kernel's pruning keeps."""
+    if config is None and INTERPRET and TILES.gpu_configs:
+        config = first_kept_config(kernel, args, meta)
     if config is None:
         kernel[grid](*args, **meta)
     else:
@@ -106,13 +189,26 @@ def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) that keeps NaN, as torch.relu does (tl.maximum's default returns 0 for a NaN)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_grad(g, pre):
+    """ReLU's backward as PyTorch's threshold_backward: ``g`` where not ``pre <= 0``, so a NaN
+    input passes its gradient on; float32."""
+    return tl.where(pre <= 0, 0.0, g.to(tl.float32))
+
+
+@triton.jit
 def bn_relu_grad(dy, z, scale, shift, k1, k0, valid):
     """Gradient w.r.t. the conv output z of ``relu(z·scale + shift)`` with BatchNorm's backward.
 
-    Per channel, dz = scale·g + k1·z + k0 with g = dy·[z·scale + shift > 0]; k1 = k0 = 0 for
-    frozen (eval-mode) BatchNorm. All float32; positions outside the tensor give exactly 0.
+    Per channel, dz = scale·g + k1·z + k0 with g = dy·[z·scale + shift > 0] (``relu_grad``); k1 = k0 = 0
+    for frozen (eval-mode) BatchNorm. All float32; positions outside the tensor give exactly 0.
     """
     z = z.to(tl.float32)
-    g = tl.where(z * scale[None, :] + shift[None, :] > 0, dy.to(tl.float32), 0.0)
+    g = relu_grad(dy, z * scale[None, :] + shift[None, :])
     dz = g * scale[None, :] + z * k1[None, :] + k0[None, :]
     return tl.where(valid, dz, 0.0)

@@ -31,6 +31,11 @@ Limitations:
 * CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` set before
   this module is imported; see ``kernels.enable_interpreter``). The interpreter is slow and its
   bfloat16 ``tl.dot`` is wrong, so bfloat16 dots are widened to float32 there.
+* NaN and inf: never fewer non-finite outputs than PyTorch (ReLU keeps NaN; its backward passes the
+  gradient on at a NaN, as ``threshold_backward`` does), but sometimes more. Block-diagonal packing
+  multiplies the other groups of a channel tile by exact zeros, and NaN·0 = inf·0 = NaN: a NaN or
+  inf input turns those groups' outputs at the same pixels NaN too (in training, their whole
+  channels, through the batch statistics), where PyTorch's stay finite.
 
 The registered ops (``torch.library``), which ``torch.compile``, ``torch.export`` and CUDA graphs see:
 
@@ -62,20 +67,16 @@ node. Every op checks its inputs (the real and the fake implementations) and nee
 strides (``needs_exact_strides``): the layouts it returns follow the layouts it is given.
 """
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from .batchnorm import pointwise
 from .batchnorm.stats import bn_stats
-from .common import INTERPRET
+from .common import DTYPES, TILES, check_device, on_device
 from .conv3x3 import backward, forward
 
 __all__ = ["grouped_conv_bn_relu", "grouped_conv_bn_relu_modules", "GroupedConvBNReLU"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum, training, single_value_ok=False):
@@ -86,7 +87,7 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
@@ -133,12 +134,7 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
     for name, t in (("weight", weight), *bn_tensors.items()):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
-    if x.device.type == "cpu" and not INTERPRET:
-        raise ValueError("x is a CPU tensor but Triton's interpreter is off: move the tensors to a CUDA "
-                         "GPU, or set TRITON_INTERPRET=1 (kernels.enable_interpreter()) before importing "
-                         "kernels.grouped_conv_bn_relu")
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x must be a CUDA tensor (or CPU under the interpreter), got device {x.device}")
+    check_device("x", x)
     if not training and (bn_tensors["running_mean"] is None or bn_tensors["running_var"] is None):
         raise ValueError("running_mean and running_var are required when training=False")
     if training and not single_value_ok and x.shape[0] * h_out * w_out == 1:
@@ -205,12 +201,6 @@ def _output_strides(x, weight, shape):
 def _grad_strides(x):
     """dx gets the layout x had (its exact strides when x is dense, else its suggested format)."""
     return x.stride() if _is_dense(x) else _standard_strides(x.shape, suggest_memory_format(x))
-
-
-def _on_device(t):
-    """Triton launches on the *current* CUDA device: make it the tensor's (e.g. a DDP rank that
-    never called torch.cuda.set_device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +281,7 @@ def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x
     sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
     count = z.shape[0] * z.shape[2] * z.shape[3]
     coeffs = (scale, shift, *pointwise.bn_backward_coeffs((sum_g, sum_gx), scale, mean, invstd, count, training))
-    dz = pointwise.bn_relu_bwd(dy, z, coeffs) if backward.MATERIALIZE_DZ and (need_x or need_w) else None
+    dz = pointwise.bn_relu_bwd(dy, z, coeffs) if TILES.materialize_dz and (need_x or need_w) else None
     if need_x:
         dx = _with_strides(backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
                            dx_strides)
@@ -315,7 +305,7 @@ def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x
 def _fwd_op(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
             momentum, training):
     """(y, z, stats) for the backward; called by the public op's autograd kernel."""
-    with _on_device(x):
+    with on_device(x):
         return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups,
                         eps, momentum, training, save=True)
 
@@ -336,7 +326,7 @@ def _fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, 
     tags=(torch.Tag.needs_exact_strides,))
 def _bwd_op(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight):
     """(dx, dweight, dγ, dβ); no autograd formula of its own, so double backward raises."""
-    with _on_device(dy):
+    with on_device(dy):
         return _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight)
 
 
@@ -383,7 +373,7 @@ def _op_impl(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride
         # the kernels write the running statistics through pointers: bump their autograd versions,
         # as the ADInplaceOrView kernel custom_op registers for _fwd_op does
         torch.autograd.graph.increment_version([t for t in (running_mean, running_var) if not t.is_inference()])
-    with _on_device(x):
+    with on_device(x):
         return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups,
                         eps, momentum, training, save=False)[0]
 

@@ -16,6 +16,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import kernels  # noqa: E402
+
 from kernels.grouped_conv_bn_relu import GroupedConvBNReLU  # noqa: E402
 
 
@@ -53,7 +55,7 @@ def run_rank(module, x, dy, steps):
 
 def main():
     rank, world, init_file, out, cases = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-    device = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else f"cuda:{rank}"
+    device = "cpu" if kernels.interpreter_enabled() else f"cuda:{rank}"
     dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{init_file}",
                             rank=rank, world_size=world)
     results = []

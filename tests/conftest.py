@@ -9,10 +9,12 @@ import os
 import pytest
 import torch
 
+import kernels
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = kernels.interpreter_enabled()  # the kernels' own rule for the switch
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 
@@ -30,3 +32,19 @@ def _strict_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+
+
+@pytest.fixture(params=["interpreter-tiles", "gpu-tiles"])
+def tiles(request):
+    """Run the test with the interpreter's tiles, then with the GPU's (``kernels.common.gpu_tiles``:
+    the GPU's pixel tiles and configs, so their loops and masked tails, its pixel splits and its
+    backward composition, dz rebuilt in the conv kernels, all on the CPU). A GPU has its own only."""
+    from kernels.common import gpu_tiles
+
+    if request.param == "interpreter-tiles":
+        if not INTERPRET:
+            pytest.skip("a GPU runs its own tiles only (the gpu-tiles case)")
+        yield request.param
+    else:
+        with gpu_tiles():
+            yield request.param

@@ -50,6 +50,7 @@ def _run(block, x, dy, fused):
     return out
 
 
+@pytest.mark.usefixtures("tiles")
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES)
 def test_fused_bottleneck_matches_the_eager_block(case, train, device):

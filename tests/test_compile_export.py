@@ -398,7 +398,8 @@ def test_autotuned_kernels_keep_their_results_on_disk(monkeypatch):
         assert tuner in _autotune.MADE, f"{name} is not decorated with kernels._autotune.autotune"
         assert tuner.cache_results == (not INTERPRET), name
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # as on a GPU
-    configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+    def configs(interpret=False):
+        return [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
     kernel = next(iter(tuners.values())).fn
     assert _autotune.autotune(configs, key=["N"])(kernel).cache_results is True
     monkeypatch.setenv("RESNEXT_AUTOTUNE_CACHE", "0")

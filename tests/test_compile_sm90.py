@@ -24,7 +24,7 @@ RECORD_KEYS = {"kernel": str, "shape": dict, "stride": int, "dtype": str, "confi
                "registers": int, "spill_bytes": int, "shared_bytes": int, "ctas_per_sm": int, "mma": str,
                "loads": str}
 # kernels the interpreter launches and the GPU path never does, and why
-INTERPRETER_ONLY = {"_bn_relu_bwd_kernel": "dz is written to memory only under the interpreter (MATERIALIZE_DZ)"}
+INTERPRETER_ONLY = {"_bn_relu_bwd_kernel": "dz is written to memory only under the interpreter (TILES.materialize_dz)"}
 
 
 def _nvidia_backend_available():

@@ -12,6 +12,9 @@ from _helpers import STATS_TOL, assert_close, assert_within_2x_pytorch, bf16_gpu
 from kernels.conv1x1.forward import conv1x1_configs, conv1x1_forward, k_tile, prune_configs
 from kernels.batchnorm.stats import bn_stats
 
+# every test twice: with the interpreter's tiles and with the GPU's (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("tiles")
+
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16", marks=bf16_gpu_only)]
 

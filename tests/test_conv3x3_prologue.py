@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import DTYPES, TOL, assert_close
+from _helpers import DTYPES, TOL, assert_close, max_err
 from kernels.batchnorm import stats as bn_statistics
 from kernels.conv3x3 import backward as conv_bwd, forward as conv_fwd
 from kernels.conv3x3.tiles import conv_configs, wgrad_configs
+
+# every test twice: with the interpreter's tiles and with the GPU's (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("tiles")
 
 # (n, c_in, c_out, groups, h, w, stride): narrow groups (several per tile), wide groups, stride 2 on
 # odd sizes, channel counts off the tiles
@@ -54,7 +57,7 @@ def test_forward_reads_the_activation_padded_after_the_transform(shape, dtype, d
     # and a padding applied before the transform would differ: the test can see it
     wrong = F.conv2d(_activation(F.pad(x.double(), (1, 1, 1, 1)), s, t), weight.double(), None, stride, 0, 1,
                      groups)
-    assert (wrong - ref).abs().max() > 10 * TOL[dtype]["atol"]
+    assert max_err(wrong, ref) > 10 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -21,6 +21,9 @@ from _helpers import DTYPES, assert_close
 from kernels.conv3x3 import backward as conv_bwd
 from kernels.conv1x1.backward import conv1x1_dgrad
 
+# every test twice: with the interpreter's tiles and with the GPU's (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("tiles")
+
 MARGIN = 0.05  # |bn(z_in)| is kept at least this far from the ReLU's kink (float32 vs float64 mask)
 
 

@@ -179,14 +179,24 @@ def test_frozen_bn_module(device):
     assert fused.bn.weight.grad is None and fused.conv.weight.grad is not None
 
 
-def test_modules_function_matches_module(device):
-    """grouped_conv_bn_relu_modules(x, conv, bn) is what the module's forward runs."""
-    fused, ref = make_pair(16, 16, 1, 4, device)
-    x = batches((2, 16, 5, 5), 1, device)[0]
-    fused.eval()
-    y_mod = fused(x)
-    y_fn = grouped_conv_bn_relu_modules(x, fused.conv, fused.bn)
-    assert torch.equal(y_mod, y_fn)
+class _ModulesFunction(torch.nn.Module):
+    """Calls ``grouped_conv_bn_relu_modules`` on a pair it does not wrap (no GroupedConvBNReLU)."""
+
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return grouped_conv_bn_relu_modules(x, self.conv, self.bn)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_modules_function_matches_unfused(mode, device):
+    """grouped_conv_bn_relu_modules(x, conv, bn) on a bare nn.Conv2d and nn.BatchNorm2d: the unfused
+    modules' outputs, gradients and buffers (bn's bookkeeping included), step by step."""
+    fused, ref = make_pair(16, 32, 2, 4, device, momentum=0.3)
+    pair = _ModulesFunction(fused.conv, fused.bn).train(mode == "train")
+    check_steps(pair, ref.train(mode == "train"), batches((2, 16, 7, 6), 2, device, seed=4))
 
 
 def test_module_autocast(device):

@@ -10,6 +10,9 @@ from kernels.conv3x3 import forward as conv_fwd
 from kernels.conv3x3.tiles import channel_tiles
 from kernels.conv3x3.weights import pack_weight
 
+# every test twice: with the interpreter's tiles and with the GPU's (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("tiles")
+
 
 def _packed_reference(weight, groups, block_t, block_o, tiled_is_out):
     """packed[tile, chunk, tap, o, t] built element by element from the definition."""

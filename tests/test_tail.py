@@ -15,6 +15,9 @@ from _helpers import TOL, assert_close, assert_within_2x_pytorch, bf16_gpu_only,
 from kernels.batchnorm.pointwise import bn_backward_coeffs
 from kernels.batchnorm.tail import tail_backward, tail_forward
 
+# every test twice: with the interpreter's tiles and with the GPU's (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("tiles")
+
 EPS = 1e-5
 CL = torch.channels_last
 

@@ -37,10 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kernels
 import resnext
 from resnext import patch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = kernels.interpreter_enabled()
 NAMES = ("resnext.Bottleneck", "torchvision.models.resnet.Bottleneck", "timm.models.resnet.Bottleneck")
 
 # ---------------------------------------------------------------------------------------------

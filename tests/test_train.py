@@ -166,6 +166,16 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """SIGINT handled as in an interactive Python (KeyboardInterrupt), whatever this process inherited:
+    a background job starts with SIGINT ignored, and the trainer must restore what it found."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
 @pytest.mark.parametrize("stop_after", [4, 11], ids=["mid-epoch", "epoch-boundary"])
 def test_ctrl_c_then_resume_equals_uninterrupted(stop_after, uninterrupted, tmp_path, capsys, monkeypatch):
     calls = {"n": 0}

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import bn_relu_grad, pointwise_tiles, reduction_splits
+from ..common import bn_relu_grad, pointwise_tiles, reduction_splits, relu, relu_grad
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _bn_relu_kernel(
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    y = tl.maximum(z * scale[None, :] + shift[None, :], 0.0)
+    y = relu(z * scale[None, :] + shift[None, :])
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,7 +95,7 @@ def _bn_bwd_reduce_kernel(
         offs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask & (z * scale[None, :] + shift[None, :] > 0), dy, 0.0)
+        g = tl.where(mask, relu_grad(dy, z * scale[None, :] + shift[None, :]), 0.0)
         acc_g += tl.sum(g, axis=0)
         acc_gx += tl.sum(g * (z - mean[None, :]) * invstd[None, :], axis=0)
     tl.store(sum_g_ptr + pid_s * C + offs_c, acc_g, mask=mask_c)

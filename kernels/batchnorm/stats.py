@@ -17,7 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import relu_grad
+
 STATS_ROWS = 64  # pixels per statistics chunk: divides every autotuned pixel tile (BLOCK_M >= 64)
+# the same as constexprs, which the kernels of every family pass to chunk_stats and
+# relu_bn_grad_epilogue (jit functions may read only globals declared so)
+STATS_CHUNK = tl.constexpr(STATS_ROWS)
+LOG2_STATS_CHUNK = tl.constexpr(STATS_ROWS.bit_length() - 1)
 MERGE_GROUP = 64  # chunks merged by one program of the first merge
 MERGE_BLOCK_C = 32
 
@@ -41,7 +47,7 @@ def chunk_stats(acc, valid_rows, rows_left, CHUNK: tl.constexpr, LOG2_CHUNK: tl.
     C: tl.constexpr = acc.shape[1]
     offs_chunk = tl.arange(0, BLOCK_M // CHUNK)
     count = tl.minimum(tl.maximum(rows_left - offs_chunk * CHUNK, 0), CHUNK).to(tl.float32)
-    mean = _pairwise_row_sums(acc, LOG2_CHUNK) / tl.maximum(count, 1.0)[:, None]
+    mean = tl.div_rn(_pairwise_row_sums(acc, LOG2_CHUNK), tl.maximum(count, 1.0)[:, None])
     mean_rows = tl.reshape(tl.broadcast_to(mean[:, None, :], (BLOCK_M // CHUNK, CHUNK, C)), (BLOCK_M, C))
     dev = tl.where(valid_rows[:, None], acc - mean_rows, 0.0)
     return mean, _pairwise_row_sums(dev * dev, LOG2_CHUNK)
@@ -57,6 +63,7 @@ def relu_bn_grad_epilogue(da, zin_ptr, offs, valid, offs_c, mask_c, scale_ptr, s
     ``da`` (BLOCK_M, C) float32 is the gradient w.r.t. a at element offsets ``offs`` of z
     (``zin_ptr``), ``valid`` (BLOCK_M, C) where they exist; channels ``offs_c`` (``mask_c``) index the
     BN's (C,) float32 scale, shift, batch mean and invstd. Returns g = da·[z·scale + shift > 0]
+    (``relu_grad``: a NaN passes da on, as PyTorch's ReLU backward does)
     rounded to OUT_DTYPE (what the kernel stores; the sums are of the stored values, so that the
     rebuilt dz sums to zero over the batch as BatchNorm's does) in float32. Stores Σ g and Σ g·x̂,
     x̂ = (z − mean)·invstd, of the tile's chunks at rows first_chunk, first_chunk + 1, ... (those
@@ -69,7 +76,7 @@ def relu_bn_grad_epilogue(da, zin_ptr, offs, valid, offs_c, mask_c, scale_ptr, s
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
     z = tl.load(zin_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    g = tl.where(valid & (z * scale[None, :] + shift[None, :] > 0), da.to(OUT_DTYPE).to(tl.float32), 0.0)
+    g = tl.where(valid, relu_grad(da.to(OUT_DTYPE), z * scale[None, :] + shift[None, :]), 0.0)
     gx = g * ((z - mean[None, :]) * invstd[None, :])
     rows = first_chunk + tl.arange(0, BLOCK_M // CHUNK)
     part = rows.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -112,7 +119,9 @@ def _merge_kernel(
         valid = (offs_t < t_hi)[:, None] & mask_c[None, :]
         m = tl.load(mean_ptr + offs_t[:, None] * C + offs_c[None, :], mask=valid, other=0.0)
         total += tl.sum(m * cnt[:, None], axis=0)
-    mean = total / n
+    # correctly rounded division and square root (the GPU's defaults are approximate), so that the
+    # statistics agree with PyTorch's on the GPU as closely as under the interpreter
+    mean = tl.div_rn(total, n)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t_start in range(t_lo, t_hi, BLOCK_T):
         offs_t = t_start + tl.arange(0, BLOCK_T)
@@ -126,8 +135,8 @@ def _merge_kernel(
         tl.store(out_mean_ptr + g * C + offs_c, mean, mask=mask_c)
         tl.store(out_m2_ptr + g * C + offs_c, m2, mask=mask_c)
     else:
-        var = m2 / n
-        invstd = 1.0 / tl.sqrt(var + eps)
+        var = tl.div_rn(m2, n)
+        invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
         gamma = tl.load(bn_weight_ptr + offs_c, mask=mask_c, other=1.0)
         beta = tl.load(bn_bias_ptr + offs_c, mask=mask_c, other=0.0)
         tl.store(out_mean_ptr + offs_c, mean, mask=mask_c)
@@ -139,7 +148,7 @@ def _merge_kernel(
             rm = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0)
             rv = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0)
             tl.store(running_mean_ptr + offs_c, (1.0 - momentum) * rm + momentum * mean, mask=mask_c)
-            tl.store(running_var_ptr + offs_c, (1.0 - momentum) * rv + momentum * (m2 / (n - 1.0)),
+            tl.store(running_var_ptr + offs_c, (1.0 - momentum) * rv + momentum * tl.div_rn(m2, n - 1.0),
                      mask=mask_c)
 
 

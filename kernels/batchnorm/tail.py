@@ -42,9 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import INTERPRET, check_channel_vector, pointwise_tiles, reduction_splits
+from ..common import DTYPES, check_channel_vector, check_device, pointwise_tiles, reduction_splits, relu, relu_grad
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_WARPS = 4
 # The backward's float32 sums keep FOLD partial rows per channel through the pixel loop and add
 # them up once at the end. Summing each 64-pixel step down to one row instead took 12 barriers
@@ -103,7 +102,7 @@ def _tail_fwd_kernel(
     z3 = tl.load(z3_ptr + offs, mask=mask, other=0.0)
     idn = tl.load(idn_ptr + offs, mask=mask, other=0.0)
     pre = _tail_pre(z3, idn, scale3, shift3, scale_d, shift_d, PROJECT)
-    y = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y = relu(pre)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -155,7 +154,7 @@ def _tail_bwd_kernel(
         pre = _tail_pre(z3, idn, scale3, shift3, scale_d, shift_d, PROJECT)
         # dy·[pre > 0], written as PyTorch's threshold_backward so that a NaN pre passes dy on;
         # masked-off positions loaded dy = 0: g is 0 there and adds nothing to the sums
-        g = tl.where(pre <= 0, 0.0, dy.to(tl.float32))
+        g = relu_grad(dy, pre)
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
         acc_g += _fold_rows(g, FOLD)
         acc_g3 += _fold_rows(g * (z3.to(tl.float32) - mean3[None, :]), FOLD)
@@ -182,13 +181,9 @@ def _check_activation(t, name, like=None):
     if like is None:
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in DTYPES:
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device.type == "cpu" and not INTERPRET:
-            raise ValueError(f"{name} is a CPU tensor but Triton's interpreter is off: move the tensors to a "
-                             f"CUDA GPU, or set TRITON_INTERPRET=1 before importing the kernels")
-        if t.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name} must be a CUDA tensor (or CPU under the interpreter), got {t.device}")
+        check_device(name, t)
     else:
         if t.shape != like[1].shape:
             raise ValueError(f"{name} must have {like[0]}'s shape {tuple(like[1].shape)}, got {tuple(t.shape)}")

@@ -17,7 +17,7 @@ dtype of the MMA. With M = N·Ho·Wo output pixels and row m of ``a`` the input 
   w.r.t. the conv's input ``a``; the caller applies the previous layer's ReLU / BN backward.
 * ``_wgrad_kernel``: dW[co, ci] = Σ_m dz[m, co]·a[m, ci], with ``a = relu(x·in_scale + in_shift)``
   recomputed from x when PROLOGUE (the forward's prologue), else a = x. Deterministic: float32
-  partials over fixed pixel splits, each summed by tl.dot over WGRAD_BLOCK_K pixels at a time in
+  partials over fixed pixel splits, each summed by tl.dot over TILES.wgrad_block_k pixels at a time in
   order, then one torch.sum over the splits. The pixels per dot and the split edges depend on the
   shape and the device only, never on the tuned config, so every config gives the same bits.
 
@@ -37,12 +37,11 @@ import triton
 import triton.language as tl
 
 from .._autotune import autotune
-from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
-from ..common import (INTERPRET, MIN_DOT, WGRAD_BLOCK_K, bn_relu_grad, check_channel_vector, describe, dot_acc,
-                      dot_options, launch, pixel_coords, shape_bucket)
+from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
+from ..common import (DTYPES, INTERPRET, MIN_DOT, TILES, bn_relu_grad, check_channel_vector, check_device, describe,
+                      dot_acc, dot_options, launch, multiprocessors, pixel_coords, relu, shape_bucket)
 from .forward import k_tile
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Shared memory a config may pipeline per CTA, estimated as num_stages x (the g, z and w or x
 # tiles of one K step). Triton allocates num_stages - 1 such buffers plus the MMA operand staging;
 # compiled for sm_90 (triton 3.6, 3.9), configs within this estimate took at most 179 KiB of
@@ -56,10 +55,6 @@ STAGE_BYTES_BUDGET = 200 * 1024
 # float32 dW at 128 (128x64, 4 warps) spilled too, but its pipeline is past STAGE_BYTES_BUDGET.
 DGRAD_LIVE_PER_THREAD = 96
 WGRAD_LIVE_PER_THREAD = 128
-_STATS_ROWS = tl.constexpr(STATS_ROWS)
-_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
-# Fewest pixels per weight-gradient split (the interpreter's programs run one after another).
-MIN_SPLIT_ROWS = 16384 if INTERPRET else 2048
 
 
 def dgrad_configs(interpret=INTERPRET):
@@ -77,7 +72,7 @@ def dgrad_configs(interpret=INTERPRET):
 
 def wgrad_configs(interpret=INTERPRET):
     """Autotune configurations of dW: output- and input-channel tiles, warps, pipeline depth (the
-    pixels per dot are WGRAD_BLOCK_K, not tuned)."""
+    pixels per dot are TILES.wgrad_block_k, not tuned)."""
     if interpret:
         return [triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64}, num_warps=4, num_stages=1)]
     return [
@@ -136,7 +131,7 @@ def _load_dz(g_ptr, z_ptr, offs, valid, scale, shift, k1, k0, MASK: tl.constexpr
     return dz
 
 
-@autotune(configs=dgrad_configs(), prune_configs_by={"early_config_prune": prune_dgrad_configs},
+@autotune(dgrad_configs, prune_configs_by={"early_config_prune": prune_dgrad_configs},
           key=["M_BUCKET", "C_in", "C_out", "STRIDE", "MASK", "RESIDUAL", "RELU_BN", "PRECISION"])
 @triton.heuristics({"EVEN_K": lambda args: args["C_out"] % args["BLOCK_K"] == 0,
                     "EVEN_N": lambda args: args["C_in"] % args["BLOCK_N"] == 0})
@@ -207,12 +202,12 @@ def _dgrad_kernel(
     if RELU_BN:  # STRIDE == 1: output pixel m is input pixel m, so chunks are runs of STATS_ROWS pixels
         acc = relu_bn_grad_epilogue(acc, zin_ptr, da_offs, valid, offs_n, mask_n, in_scale_ptr, in_shift_ptr,
                                     in_mean_ptr, in_invstd_ptr, sum_g_ptr, sum_gx_ptr,
-                                    pid_m * (BLOCK_M // _STATS_ROWS), tl.cdiv(M, _STATS_ROWS), C_in,
-                                    da_ptr.dtype.element_ty, _STATS_ROWS, _LOG2_STATS_ROWS)
+                                    pid_m * (BLOCK_M // STATS_CHUNK), tl.cdiv(M, STATS_CHUNK), C_in,
+                                    da_ptr.dtype.element_ty, STATS_CHUNK, LOG2_STATS_CHUNK)
     tl.store(da_ptr + da_offs, acc.to(da_ptr.dtype.element_ty), mask=valid)
 
 
-@autotune(configs=wgrad_configs(), prune_configs_by={"early_config_prune": prune_wgrad_configs},
+@autotune(wgrad_configs, prune_configs_by={"early_config_prune": prune_wgrad_configs},
           key=["M_BUCKET", "C_in", "C_out", "STRIDE", "MASK", "PROLOGUE", "PRECISION"])
 @triton.heuristics({"EVEN_CO": lambda args: args["C_out"] % args["BLOCK_CO"] == 0,
                     "EVEN_CI": lambda args: args["C_in"] % args["BLOCK_CI"] == 0})
@@ -229,7 +224,7 @@ def _wgrad_kernel(
     M_BUCKET,  # autotune key only
     # meta-parameters
     MASK: tl.constexpr, PROLOGUE: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # pixels per dot: fixed (WGRAD_BLOCK_K), so the sums' order is too
+    BLOCK_K: tl.constexpr,  # pixels per dot: fixed (TILES.wgrad_block_k), so the sums' order is too
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     EVEN_CO: tl.constexpr, EVEN_CI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -274,7 +269,7 @@ def _wgrad_kernel(
         a = tl.load(x_ptr + pix[:, None] * C_in + offs_ci[None, :], mask=mask_m[:, None] & mask_ci[None, :],
                     other=0.0)
         if PROLOGUE:  # as the forward: in float32, rounded to the operand dtype
-            a = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0)
+            a = relu(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :])
             a = a.to(x_ptr.dtype.element_ty)
         acc = dot_acc(tl.trans(dz.to(x_ptr.dtype.element_ty)), a, acc, UPCAST, PRECISION)
 
@@ -284,26 +279,21 @@ def _wgrad_kernel(
 
 def wgrad_splits(m, c_out, c_in, device):
     """Pixel splits of the weight gradient: about two programs per SM at the widest channel tile
-    (128 x 128), each split at least MIN_SPLIT_ROWS pixels. A function of the problem and the
+    (128 x 128), each split at least TILES.min_split_rows pixels. A function of the problem and the
     device only, so results are bit-identical from run to run and config to config."""
-    if INTERPRET:
+    if not TILES.gpu_configs:  # the interpreter's programs run one after another
         target = 4
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, 2 * sms // (triton.cdiv(c_out, 128) * triton.cdiv(c_in, 128)))
-    return max(1, min(target, triton.cdiv(m, MIN_SPLIT_ROWS)))
+        target = max(1, 2 * multiprocessors(device) // (triton.cdiv(c_out, 128) * triton.cdiv(c_in, 128)))
+    return max(1, min(target, triton.cdiv(m, TILES.min_split_rows)))
 
 
 def _check_activation(name, t):
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor, got {describe(t)}")
-    if t.dtype not in _DTYPES:
+    if t.dtype not in DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device.type == "cpu" and not INTERPRET:
-        raise ValueError(f"{name} is a CPU tensor but Triton's interpreter is off: move the tensors to a "
-                         "CUDA GPU, or set TRITON_INTERPRET=1 before importing the kernels")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be a CUDA tensor (or CPU under the interpreter), got device {t.device}")
+    check_device(name, t)
 
 
 def _check_like(name, t, ref, ref_name, shape=None):
@@ -449,7 +439,8 @@ def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scal
         return torch.zeros((c_out, c_in, 1, 1), device=x.device, dtype=x.dtype)
     x, g, z = _channels_last(x, g, z)
     splits = wgrad_splits(m, c_out, c_in, x.device)
-    rows = triton.cdiv(triton.cdiv(m, splits), WGRAD_BLOCK_K) * WGRAD_BLOCK_K
+    block_k = TILES.wgrad_block_k
+    rows = triton.cdiv(triton.cdiv(m, splits), block_k) * block_k
     splits = triton.cdiv(m, rows)  # no empty split
     # every entry is written: each split covers every (co, ci) tile
     dw_part = torch.empty((splits, c_out, c_in), device=x.device, dtype=torch.float32)
@@ -462,6 +453,6 @@ def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scal
         x, g, z, *coeffs, in_scale.contiguous() if prologue else coeffs[0],
         in_shift.contiguous() if prologue else coeffs[0], dw_part,
         h, w, ho, wo, m, c_in, c_out, rows, stride, shape_bucket(m),
-        MASK=mask, PROLOGUE=prologue, BLOCK_K=WGRAD_BLOCK_K, **dot_options(x.dtype),
+        MASK=mask, PROLOGUE=prologue, BLOCK_K=block_k, **dot_options(x.dtype),
     )
     return dw_part.sum(0).view(c_out, c_in, 1, 1).to(x.dtype)

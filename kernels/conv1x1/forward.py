@@ -30,16 +30,12 @@ import triton
 import triton.language as tl
 
 from .._autotune import autotune
-from ..batchnorm.stats import STATS_ROWS, chunk_stats, partials
-from ..common import (INTERPRET, MIN_DOT, check_channel_vector, describe, dot_acc, dot_options, launch, pixel_coords,
-                      shape_bucket)
+from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, chunk_stats, partials
+from ..common import (DTYPES, INTERPRET, MIN_DOT, check_channel_vector, check_device, describe, dot_acc, dot_options,
+                      launch, pixel_coords, relu, shape_bucket)
 
-# as constexprs: jit functions may read only globals declared so
-_STATS_ROWS = tl.constexpr(STATS_ROWS)
-_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
 
 MAX_BLOCK_K = 64
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Shared memory a config may pipeline, (BLOCK_M + BLOCK_N) · BLOCK_K · element size per stage:
 # H100 allows 227 KiB per CTA; the rest is left to the epilogue's layout conversions.
 STAGE_BYTES_BUDGET = 160 * 1024
@@ -87,7 +83,7 @@ def prune_configs(configs, named_args, **kwargs):
     return [c for c in configs if fits(c)] or configs[:1]
 
 
-@autotune(configs=conv1x1_configs(), prune_configs_by={"early_config_prune": prune_configs},
+@autotune(conv1x1_configs, prune_configs_by={"early_config_prune": prune_configs},
           key=["M_BUCKET", "C_in", "C_out", "STRIDE", "PROLOGUE", "COMPUTE_STATS", "PRECISION"])
 @triton.heuristics({"EVEN_K": lambda args: args["C_in"] % args["BLOCK_K"] == 0,
                     "EVEN_N": lambda args: args["C_out"] % args["BLOCK_N"] == 0})
@@ -135,7 +131,7 @@ def _conv1x1_kernel(
             # of the shift), which the statistics below mask
             scale = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
             shift = tl.load(in_shift_ptr + offs_k, mask=mask_k, other=0.0)
-            a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            a = relu(a.to(tl.float32) * scale[None, :] + shift[None, :])
             a = a.to(x_ptr.dtype.element_ty)
         b = tl.load(w_cols + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = dot_acc(a, b, acc, UPCAST, PRECISION)
@@ -151,10 +147,10 @@ def _conv1x1_kernel(
         zs = z.to(tl.float32)
         if PROLOGUE:
             zs = tl.where(mask_m[:, None], zs, 0.0)
-        mean, m2 = chunk_stats(zs, mask_m, M - pid_m * BLOCK_M, _STATS_ROWS, _LOG2_STATS_ROWS)
-        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
+        mean, m2 = chunk_stats(zs, mask_m, M - pid_m * BLOCK_M, STATS_CHUNK, LOG2_STATS_CHUNK)
+        offs_t = pid_m * (BLOCK_M // STATS_CHUNK) + tl.arange(0, BLOCK_M // STATS_CHUNK)
         part = offs_t[:, None] * C_out + offs_n[None, :]
-        keep = (offs_t * _STATS_ROWS < M)[:, None] & mask_n[None, :]
+        keep = (offs_t * STATS_CHUNK < M)[:, None] & mask_n[None, :]
         tl.store(mean_part_ptr + part, mean, mask=keep)
         tl.store(m2_part_ptr + part, m2, mask=keep)
 
@@ -163,13 +159,9 @@ def _check_inputs(x, weight, stride, in_scale, in_shift, config):
     """Raise ValueError naming the argument for anything the kernel does not compute."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (N, C_in, H, W), got {describe(x)}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device.type == "cpu" and not INTERPRET:
-        raise ValueError("x is a CPU tensor but Triton's interpreter is off: move the tensors to a CUDA "
-                         "GPU, or set TRITON_INTERPRET=1 before importing the kernels")
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x must be a CUDA tensor (or CPU under the interpreter), got device {x.device}")
+    check_device("x", x)
     c_in = x.shape[1]
     if c_in == 0:
         raise ValueError(f"x has no input channels (shape {tuple(x.shape)})")

@@ -9,7 +9,9 @@ g = dy·[z·scale + shift > 0] (the ReLU mask, recomputed from z):
   and k1 = k0 = 0 with frozen (eval-mode) statistics. On the GPU dz is never written to memory:
   the two conv kernels below rebuild it from (dy, z) as they load it. Under Triton's interpreter,
   where element-wise work rather than memory traffic is the cost, ``_bn_relu_bwd_kernel`` writes
-  dz once instead (``MATERIALIZE_DZ``); both paths are tested on the CPU.
+  dz once instead (``kernels.common.TILES.materialize_dz``: rebuilding it in the conv kernels saves a
+  pass over HBM on the GPU but repeats the element-wise work once per tap, which dominates under the
+  interpreter); both paths are tested on the CPU.
 * ``_bwd_dx_kernel``: dx = conv_transpose(dz, w), an implicit GEMM over input pixels with the
   packed weight tiles of ``kernels/conv3x3/weights.py``. With stride 2, each program takes the pixels
   of one (hi % 2, wi % 2) class and visits only the taps that link them to an output pixel.
@@ -25,19 +27,14 @@ import triton
 import triton.language as tl
 
 from .._autotune import autotune
-from ..batchnorm.stats import STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
-from ..common import (INTERPRET, WGRAD_BLOCK_K, bn_relu_grad, dot_acc, dot_options, launch, pixel_coords,
-                      reduction_splits, shape_bucket)
+from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
+from ..common import (TILES, bn_relu_grad, dot_acc, dot_options, launch, pixel_coords, reduction_splits, relu,
+                      shape_bucket)
 from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs,
                     prune_wgrad_configs, wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
 from .weights import other_side_chunks, pack_weight
 
-_STATS_ROWS = tl.constexpr(STATS_ROWS)
-_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
 
-# Rebuilding dz from (dy, z) inside the conv kernels saves a pass over HBM on the GPU but repeats
-# the element-wise work 9 times (once per tap), which dominates under the interpreter.
-MATERIALIZE_DZ = INTERPRET
 
 
 @triton.jit
@@ -54,7 +51,7 @@ def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEM
     return dz
 
 
-@autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+@autotune(conv_configs, prune_configs_by={"early_config_prune": prune_configs},
            key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "RELU_BN", "DZ_IN_MEMORY",
                 "PRECISION"])
 @triton.jit
@@ -133,12 +130,12 @@ def _bwd_dx_kernel(
     valid = mask_m[:, None] & mask_ci[None, :]
     if RELU_BN:
         # chunks are runs of STATS_ROWS pixels of one parity class, in the class's own order
-        class_chunks = tl.cdiv(N * HC * WC, _STATS_ROWS)
+        class_chunks = tl.cdiv(N * HC * WC, STATS_CHUNK)
         acc = relu_bn_grad_epilogue(acc, zin_ptr, dx_offs, valid, offs_ci, mask_ci, in_scale_ptr, in_shift_ptr,
                                     in_mean_ptr, in_invstd_ptr, sum_g_ptr, sum_gx_ptr,
-                                    cls * class_chunks + pid_m * (BLOCK_M // _STATS_ROWS),
-                                    (cls + 1) * class_chunks, C_in, dx_ptr.dtype.element_ty, _STATS_ROWS,
-                                    _LOG2_STATS_ROWS)
+                                    cls * class_chunks + pid_m * (BLOCK_M // STATS_CHUNK),
+                                    (cls + 1) * class_chunks, C_in, dx_ptr.dtype.element_ty, STATS_CHUNK,
+                                    LOG2_STATS_CHUNK)
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
@@ -158,7 +155,7 @@ def _x_row_taps_t(x_ptr, n, ho, wo, mask_m, kh, offs_ci, mask_ci, H, W, C_in, in
                 mask=inside[:, :, None] & mask_ci[None, None, :], other=0.0, cache_modifier=".ca")
     if PROLOGUE:
         a = tl.where(inside[:, :, None] & mask_ci[None, None, :],
-                     tl.maximum(a.to(tl.float32) * in_scale[None, None, :] + in_shift[None, None, :], 0.0),
+                     relu(a.to(tl.float32) * in_scale[None, None, :] + in_shift[None, None, :]),
                      0.0).to(x_ptr.dtype.element_ty)
     return tl.trans(tl.reshape(a, (a.shape[0], 4 * a.shape[2])))
 
@@ -178,7 +175,7 @@ def _store_dw_row(dw_part_ptr, acc, pid_s, kh, offs_co, mask_co, offs_ci, mask_c
     tl.store(split_base + (co * (CIN_G * 9) + (ci - co // COUT_G * CIN_G) * 9 + kh * 3 + kw), acc, mask=keep)
 
 
-@autotune(configs=wgrad_configs(), prune_configs_by={"early_config_prune": prune_wgrad_configs},
+@autotune(wgrad_configs, prune_configs_by={"early_config_prune": prune_wgrad_configs},
            key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "DZ_IN_MEMORY",
                 "PROLOGUE", "PRECISION"])
 @triton.jit
@@ -195,7 +192,7 @@ def _bwd_dw_kernel(
     STRIDE: tl.constexpr, PAD: tl.constexpr,  # constexpr: divisions by the stride become shifts
     N_BUCKET,  # autotune key only
     # meta-parameters
-    BLOCK_K: tl.constexpr,  # pixels per dot: fixed (WGRAD_BLOCK_K), so the sums' order is too
+    BLOCK_K: tl.constexpr,  # pixels per dot: fixed (TILES.wgrad_block_k), so the sums' order is too
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     KH_ROWS: tl.constexpr,  # kernel rows per program: 3 (all nine taps) or 1
     PROLOGUE: tl.constexpr,  # the conv read relu(x·in_scale + in_shift): recompute it as x is loaded
@@ -314,7 +311,8 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
     kh_rows = wgrad_taps_per_program(block_co, block_ci)
     m = n * ho * wo
     splits = reduction_splits(m, x.device)
-    rows = triton.cdiv(triton.cdiv(m, splits), WGRAD_BLOCK_K) * WGRAD_BLOCK_K
+    block_k = TILES.wgrad_block_k
+    rows = triton.cdiv(triton.cdiv(m, splits), block_k) * block_k
     splits = triton.cdiv(m, rows)  # no empty split
     # every entry is written: each (co, ci) of a group lies in exactly one (tile, chunk)
     dw_part = torch.empty((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
@@ -323,7 +321,7 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
         x, dy, z, dz if dz is not None else dy, *coeffs, dw_part,
         in_scale if in_scale is not None else coeffs[0], in_shift if in_shift is not None else coeffs[0],
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, ci_chunks, rows, stride, padding, shape_bucket(n),
-        BLOCK_K=WGRAD_BLOCK_K, BLOCK_CO=block_co, BLOCK_CI=block_ci, KH_ROWS=kh_rows,
+        BLOCK_K=block_k, BLOCK_CO=block_co, BLOCK_CI=block_ci, KH_ROWS=kh_rows,
         PROLOGUE=in_scale is not None,
         DZ_IN_MEMORY=dz is not None, EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
         **dot_options(x.dtype),

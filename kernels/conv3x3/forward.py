@@ -12,19 +12,16 @@ import triton
 import triton.language as tl
 
 from .._autotune import autotune
-from ..batchnorm.stats import STATS_ROWS, chunk_stats, partials
-from ..common import dot_acc, dot_options, launch, pixel_coords, shape_bucket
+from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, chunk_stats, partials
+from ..common import dot_acc, dot_options, launch, pixel_coords, relu, shape_bucket
 from .tiles import aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs
 from .weights import pack_weight
 
-# as constexprs: jit functions may read only globals declared so
-_STATS_ROWS = tl.constexpr(STATS_ROWS)
-_LOG2_STATS_ROWS = tl.constexpr(STATS_ROWS.bit_length() - 1)
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
 
-@autotune(configs=conv_configs(), prune_configs_by={"early_config_prune": prune_configs},
+@autotune(conv_configs, prune_configs_by={"early_config_prune": prune_configs},
            key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "STORE",
                 "COMPUTE_STATS", "PROLOGUE", "PRECISION"])
 @triton.jit
@@ -84,7 +81,7 @@ def _fwd_kernel(
             if PROLOGUE:
                 # the zero padding pads the activation relu(x·s + t), not x: re-zero outside
                 a = tl.where(inside[:, None] & mask_ci[None, :],
-                             tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0),
+                             relu(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :]),
                              0.0).to(x_ptr.dtype.element_ty)
             b = tl.load(w_chunk + tap * BLOCK_CI * BLOCK_CO + w_tile)  # dense, zeros off the diagonal
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
@@ -95,17 +92,17 @@ def _fwd_kernel(
             # (as in PyTorch); matters in half precision when few values share a channel
             acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
         # rows past M hold exact zeros (all their loads were masked), so they add nothing to the sums
-        mean, m2 = chunk_stats(acc, mask_m, M - pid_m * BLOCK_M, _STATS_ROWS, _LOG2_STATS_ROWS)
-        offs_t = pid_m * (BLOCK_M // _STATS_ROWS) + tl.arange(0, BLOCK_M // _STATS_ROWS)
+        mean, m2 = chunk_stats(acc, mask_m, M - pid_m * BLOCK_M, STATS_CHUNK, LOG2_STATS_CHUNK)
+        offs_t = pid_m * (BLOCK_M // STATS_CHUNK) + tl.arange(0, BLOCK_M // STATS_CHUNK)
         part = offs_t[:, None] * C_out + offs_co[None, :]
-        keep = (offs_t * _STATS_ROWS < M)[:, None] & mask_co[None, :]
+        keep = (offs_t * STATS_CHUNK < M)[:, None] & mask_co[None, :]
         tl.store(mean_part_ptr + part, mean, mask=keep)
         tl.store(m2_part_ptr + part, m2, mask=keep)
     if STORE != 0:
         if STORE == 2:
             scale = tl.load(scale_ptr + offs_co, mask=mask_co, other=0.0)
             shift = tl.load(shift_ptr + offs_co, mask=mask_co, other=0.0)
-            acc = tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+            acc = relu(acc * scale[None, :] + shift[None, :])
         y_offs = offs_m.to(tl.int64)[:, None] * C_out + offs_co[None, :]
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_co[None, :])
 

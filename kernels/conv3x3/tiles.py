@@ -12,7 +12,7 @@ is memory-bound (see ``shared/KERNEL-NOTES.md``).
 import triton
 import triton.language as tl
 
-from ..common import INTERPRET, MIN_DOT, WGRAD_BLOCK_K
+from ..common import INTERPRET, MIN_DOT, TILES
 
 MAX_CHANNEL_TILE = 64
 
@@ -92,7 +92,7 @@ WGRAD_STAGE_BUDGET = 160 * 1024
 
 def wgrad_configs(interpret=INTERPRET):
     """Autotune configurations of the weight-gradient kernel: warps and pipeline depth only (its
-    pixel extent is WGRAD_BLOCK_K). ``num_stages=1`` loads through L1, where the 3 kw-shifted
+    pixel extent is TILES.wgrad_block_k). ``num_stages=1`` loads through L1, where the 3 kw-shifted
     copies of each x row and the rows shared by consecutive pixel blocks hit (see conv_configs)."""
     if interpret:
         return [triton.Config({}, num_warps=4, num_stages=1)]
@@ -115,7 +115,7 @@ def wgrad_taps_per_program(block_co, block_ci):
 
 
 def wgrad_stage_bytes(block_co, block_ci, rows, elem_size):
-    return WGRAD_BLOCK_K * (rows * 4 * block_ci + block_co) * elem_size
+    return TILES.wgrad_block_k * (rows * 4 * block_ci + block_co) * elem_size
 
 
 def prune_wgrad_configs(configs, named_args, **kwargs):
