@@ -10,8 +10,9 @@ multi-GPU node (``torchrun``: DistributedDataParallel, NCCL on GPUs, gloo on CPU
     torchrun --nproc_per_node=8 -m resnext.train --data /data/imagenet --fused-kernels --amp bf16 \\
         --channels-last
 
-    # Throughput: random data, one epoch.
+    # Throughput: random data, one epoch; the step captured in one CUDA graph (no per-launch host cost).
     python -m resnext.train --synthetic --arch resnext101_32x8d --batch-size 128 --amp bf16
+    python -m resnext.train --synthetic --fused-kernels --amp bf16 --channels-last --cuda-graphs
 
     # Continue after Ctrl-C, a crash or a preemption; evaluate a checkpoint.
     python -m resnext.train --resume runs/digits-resnext_tiny/last.pt
@@ -91,6 +92,8 @@ class TrainConfig:
     fused_kernels: Union[bool, str] = False  # False, "conv" (grouped conv + BN + ReLU) or "block"
     channels_last: bool = False         # NHWC activations and weights
     compile: bool = False               # torch.compile the model
+    cuda_graphs: bool = False           # capture the whole training step in one CUDA graph, replay it
+                                        # (static shapes: the last partial batch is dropped; GPU only)
     sync_bn: bool = False               # SyncBatchNorm: BN statistics of the global batch (torchrun)
     # optimisation (torch's optimizers and schedulers; the schedule steps every iteration)
     opt: Optional[str] = None           # "sgd" (with momentum) | "adamw"
@@ -194,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "default: off", action="store_false", dest="fused_kernels")
     add("--channels-last", "NHWC activations and weights", action=on_off)
     add("--compile", "torch.compile the model", action=on_off)
+    add("--cuda-graphs", "capture the whole training step (forward, backward, optimizer step, BatchNorm "
+        "buffers) in one CUDA graph after 3 warm-up steps and replay it: no host cost per launch. Static "
+        "shapes, so each epoch's last partial batch is dropped; a GPU, one process, bf16 or no autocast, "
+        "no --compile", action=on_off)
     add("--sync-bn", "BatchNorm statistics over the global batch of every process (nn.SyncBatchNorm; "
         "under torchrun on GPUs); a single process trains as without it", action=on_off)
     add("--opt", "sgd (with --momentum) or adamw", type=_one_of("sgd", "adamw"), metavar="{sgd,adamw}")
@@ -254,6 +261,16 @@ def resolve_config(overrides: dict, base: Optional[dict] = None, world_size: int
         cfg.lr = cfg.lr_base * cfg.batch_size * world_size / 256
     if not cfg.lr > 0:
         raise TrainError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.cuda_graphs:
+        clash = {"compile": "--compile (its own graphs: torch.compile(mode='reduce-overhead'))",
+                 "sync_bn": "--sync-bn (collectives inside the step)",
+                 "amp": "--amp fp16 (the GradScaler checks for inf on the host every step)"}
+        for name, why in clash.items():
+            if getattr(cfg, name) and (name != "amp" or cfg.amp == "fp16"):
+                raise TrainError(f"--cuda-graphs cannot be combined with {why}")
+        if world_size > 1:
+            raise TrainError("--cuda-graphs runs in one process (DistributedDataParallel's collectives are "
+                             "not captured)")
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{dataset_name(cfg)}-{cfg.arch}")
     return cfg
@@ -335,8 +352,9 @@ def build_data(cfg: TrainConfig, rt: Runtime):
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=rt.device.type == "cuda")
     # Workers are seeded from the loader's own generator, reseeded every epoch (not from the
     # global RNG), so a run resumed at an epoch boundary augments exactly as an uninterrupted one.
-    train = DataLoader(splits.train, sampler=sampler, drop_last=len(sampler) >= 2 * cfg.batch_size,
-                       generator=torch.Generator(), **common)
+    # a graph replays one shape: every batch full (--cuda-graphs)
+    drop_last = cfg.cuda_graphs or len(sampler) >= 2 * cfg.batch_size
+    train = DataLoader(splits.train, sampler=sampler, drop_last=drop_last, generator=torch.Generator(), **common)
     val = DataLoader(Subset(splits.val, range(rt.rank, len(splits.val), rt.world_size)), **common)
     return train, val, splits.num_classes
 
@@ -367,10 +385,31 @@ def build_model(cfg: TrainConfig, num_classes: int, rt: Runtime) -> nn.Module:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW; with --cuda-graphs their fused CUDA implementations, the learning rate a tensor on
+    the device (the schedule updates it in place, and the captured step reads it there)."""
+    extra = {}
+    if cfg.cuda_graphs:
+        device = next(model.parameters()).device
+        extra = dict(fused=True, lr=torch.tensor(cfg.lr, device=device))
+        if cfg.opt == "adamw":
+            extra["capturable"] = True
     if cfg.opt == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), **{"lr": cfg.lr, "weight_decay": cfg.weight_decay, **extra})
+    return torch.optim.SGD(model.parameters(), **{"lr": cfg.lr, "momentum": cfg.momentum,
+                                                  "weight_decay": cfg.weight_decay, **extra})
+
+
+def _lr_on(optimizer, device: Optional[torch.device]) -> None:
+    """Every param group's learning rate as a tensor on ``device`` (--cuda-graphs), or as a float
+    (None): a checkpoint resumes with or without --cuda-graphs, whichever it was saved with."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if device is None:
+            group["lr"] = float(lr)
+        elif isinstance(lr, torch.Tensor):
+            group["lr"] = lr.to(device)
+        else:
+            group["lr"] = torch.tensor(lr, device=device)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -420,8 +459,9 @@ class _StopSignal:
         return self.requested_at is not None
 
 
-def _autocast(cfg: TrainConfig, rt: Runtime):
-    return torch.autocast(rt.device.type, dtype=_AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None)
+def _autocast(cfg: TrainConfig, rt: Runtime, cache_enabled: bool = True):
+    return torch.autocast(rt.device.type, dtype=_AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None,
+                          cache_enabled=cache_enabled)
 
 
 def train_step(model, images, labels, criterion, optimizer, scheduler, scaler, cfg, rt) -> torch.Tensor:
@@ -436,6 +476,56 @@ def train_step(model, images, labels, criterion, optimizer, scheduler, scaler, c
     return loss.detach()
 
 
+class GraphedStep:
+    """``train_step`` with the whole step captured in one CUDA graph (``--cuda-graphs``).
+
+    The first WARMUP steps run eagerly on a side stream (what capture asks for: kernels compiled,
+    the optimizer's state allocated); the next is captured — forward under autocast without its
+    cache, backward, the optimizer step, every BatchNorm's buffers — and replayed for its batch;
+    later batches are copied into the captured inputs and the graph replayed. The schedule steps
+    outside the graph, updating the learning-rate tensor the graph reads. Returns the loss, which
+    the next replay overwrites (read it before then, in stream order, as train_one_epoch does).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model, criterion, optimizer, scheduler, cfg, rt):
+        self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
+        self.cfg, self.rt = cfg, rt
+        self.warm, self.graph = 0, None
+
+    def _step(self, images, labels, cache_enabled=True):
+        with _autocast(self.cfg, self.rt, cache_enabled):
+            loss = self.criterion(self.model(images), labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def __call__(self, images, labels) -> torch.Tensor:
+        if self.warm < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._step(images, labels).detach()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm += 1
+        else:
+            if self.graph is None:
+                self.images, self.labels = images.clone(), labels.clone()
+                self.optimizer.zero_grad(set_to_none=True)  # the graph's backward writes the gradients
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.loss = self._step(self.images, self.labels, cache_enabled=False).detach()
+            else:
+                self.images.copy_(images)
+                self.labels.copy_(labels)
+            self.graph.replay()
+            loss = self.loss
+        self.scheduler.step()
+        return loss
+
+
 def _to_device(images, labels, cfg, rt):
     images = images.to(rt.device, non_blocking=True)
     if cfg.channels_last:
@@ -444,12 +534,13 @@ def _to_device(images, labels, cfg, rt):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg: TrainConfig, rt: Runtime,
-                    epoch: int, start_step: int = 0, partial=(0.0, 0, None), stop: Optional[_StopSignal] = None):
+                    epoch: int, start_step: int = 0, partial=(0.0, 0, None), stop: Optional[_StopSignal] = None,
+                    graphed: Optional[GraphedStep] = None):
     """Train one epoch (from ``start_step``, after a resume); returns a dict of metrics.
 
     ``partial`` is the (loss sum, image count, last lr) of the steps done before a resume. Raises
     :class:`NonFiniteLossError` on a NaN/inf loss. If ``stop`` is requested, returns early with
-    ``"stopped": True`` and the step reached.
+    ``"stopped": True`` and the step reached. ``graphed`` (``--cuda-graphs``) runs the steps.
     """
     model.train()
     loader.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
@@ -467,7 +558,12 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     for images, labels in bar:
         images, labels = _to_device(images, labels, cfg, rt)
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_step(model, images, labels, criterion, optimizer, scheduler, scaler, cfg, rt)
+        if isinstance(lr, torch.Tensor):  # --cuda-graphs: read at the next log, not now (no sync)
+            lr = lr.detach().clone()
+        if graphed is not None:
+            loss = graphed(images, labels)
+        else:
+            loss = train_step(model, images, labels, criterion, optimizer, scheduler, scaler, cfg, rt)
         loss_sum += loss.double() * len(labels)
         seen += len(labels)
         step += 1
@@ -478,6 +574,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
                 raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}")
             rt.sync()
             rate = seen * rt.world_size / (time.perf_counter() - t0)
+            lr = float(lr)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.4g}")
             if stop_votes > 0:
                 stopped = True
@@ -486,6 +583,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     rt.sync()
     elapsed = time.perf_counter() - t0
     loss_total, count, images_total = rt.all_reduce([partial[0] + loss_sum.item(), partial[1] + seen, seen])
+    lr = float(lr)
     return {"train_loss": float(loss_total / max(count, 1)), "lr": lr,
             "images_per_s": float(images_total / max(elapsed, 1e-9)), "train_time": elapsed,
             "stopped": stopped, "step": step, "partial": (partial[0] + loss_sum.item(), partial[1] + seen, lr)}
@@ -691,6 +789,8 @@ def _run(argv) -> int:
         _check_resumable(ckpt, overrides["resume"])
     base = ckpt.get("config") if ckpt else None
     cfg = resolve_config(overrides, base, rt.world_size)
+    if cfg.cuda_graphs and rt.device.type != "cuda" and not cfg.eval_only:
+        raise TrainError("--cuda-graphs needs a CUDA GPU (the step is captured with torch.cuda.graph)")
     if ckpt is not None and base is not None and base.get("arch") != cfg.arch:
         raise TrainError(f"--resume {cfg.resume}: trained as {base.get('arch')}, not {cfg.arch}")
     if ckpt is not None and not cfg.eval_only and ckpt["epoch"] >= cfg.epochs:
@@ -736,6 +836,7 @@ def _run(argv) -> int:
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise TrainError(f"--resume {cfg.resume}: optimizer/scheduler state does not match "
                              f"({' '.join(str(e).split())})") from None
+        _lr_on(optimizer, rt.device if cfg.cuda_graphs else None)
         if start_step > steps_per_epoch:
             raise TrainError(f"--resume {cfg.resume}: stopped at step {start_step} of an epoch that now "
                              f"has {steps_per_epoch} steps; keep the batch size and world size")
@@ -771,12 +872,13 @@ def _run(argv) -> int:
                 "step": step, "partial": list(partial_sums), "best_top1": best,
                 "config": dataclasses.asdict(cfg), "rng": rngs})
 
+    graphed = GraphedStep(model, criterion, optimizer, scheduler, cfg, rt) if cfg.cuda_graphs else None
     with _StopSignal() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             try:
                 tm = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, rt,
-                                     epoch, start_step, partial, stop)
+                                     epoch, start_step, partial, stop, graphed)
             except NonFiniteLossError as e:
                 if rt.is_main:
                     kept = f"; the last good checkpoint is {last_path}" if os.path.exists(last_path) else ""

@@ -543,3 +543,48 @@ def test_cosine_with_warmup():
     assert lrs[0] == pytest.approx(0.01)
     assert lrs[:10] == sorted(lrs[:10]) and lrs[10] == pytest.approx(1.0)
     assert lrs[10:] == sorted(lrs[10:], reverse=True) and lrs[-1] < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# --cuda-graphs
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ([], "--cuda-graphs needs a CUDA GPU"),
+    (["--amp", "fp16"], "--cuda-graphs cannot be combined with --amp fp16"),
+    (["--compile"], "--cuda-graphs cannot be combined with --compile"),
+], ids=["no-gpu", "fp16", "compile"])
+def test_cuda_graphs_refusals_are_one_line(extra, fragment, tmp_path, capsys):
+    if not extra and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    rc, _, err = run(SYNTHETIC + ["--cuda-graphs", "--out", tmp_path / "g", *extra], capsys)
+    assert_error(rc, err, fragment)
+    assert not (tmp_path / "g").exists()  # refused before any file is written
+
+
+def test_cuda_graphs_help_says_what_it_costs(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--cuda-graphs" in text and "last partial batch is dropped" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_cuda_graphs_train_as_the_uncaptured_run(fused, tmp_path, capsys):
+    """Two epochs with the step captured and replayed, and without: the same losses and accuracy
+    (within the rounding of the fused optimizer the graph needs), and a checkpoint that resumes
+    either way."""
+    args = ["--synthetic", "--arch", "resnext_tiny", "--image-size", "32", "--synthetic-samples", "320",
+            "--batch-size", "32", "--epochs", "2", "--amp", "bf16", "--channels-last", "--precise-bn", "0"]
+    args += ["--fused-kernels"] if fused else []
+    rc, _, err = run(args + ["--out", tmp_path / "plain"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(args + ["--cuda-graphs", "--out", tmp_path / "graphs"], capsys)
+    assert rc == 0, err
+    for plain, graphs in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "graphs")):
+        assert graphs["train_loss"] == pytest.approx(plain["train_loss"], rel=2e-2), (plain, graphs)
+        assert graphs["lr"] == pytest.approx(plain["lr"], rel=1e-6)
+        assert abs(graphs["top1"] - plain["top1"]) <= 10.0
+    rc, _, err = run(["--resume", tmp_path / "graphs" / "last.pt", "--no-cuda-graphs", "--epochs", "3"], capsys)
+    assert rc == 0, err
