@@ -27,6 +27,7 @@ import io
 import json
 import os
 import re
+import time
 import types
 import warnings
 
@@ -49,10 +50,14 @@ REGS_PER_SM, REG_ALLOC_UNIT, SUB_PARTITIONS = 65536, 256, 4
 SHARED_PER_SM, SHARED_PER_BLOCK_MAX, SHARED_RESERVED_PER_CTA, SHARED_ALLOC_UNIT = 233_472, 232_448, 1024, 128
 THREADS_PER_SM, CTAS_PER_SM_MAX = 2048, 32
 
-# (jit function, compiled kernel or None, error or None, launch context) of every launch
+# (jit function, compiled kernel or None, error or None, launch context, compile seconds) of every launch
 LAUNCHES = []
-# (autotune config, kept) while the autotuner hook compiles one config
+# (autotune config, kept, chosen) while the autotuner hook compiles one config
 _AUTOTUNE = contextvars.ContextVar("autotune", default=None)
+# the GPU whose config tables decide which config a launch takes (kernels.configs): the GPU machine's
+GPU_NAME, GPU_CAPABILITY = "NVIDIA H200", (9, 0)
+# which configs of an autotuned kernel the hook compiles: "all", "kept" (by its pruning) or "chosen"
+COMPILE = "all"
 
 
 class CompileOnlyDriver:
@@ -77,11 +82,12 @@ class CompileOnlyDriver:
 def _jit_run(self, *args, grid, warmup, **kwargs):
     """``JITFunction.run`` (jit.py:733) as ``warmup=True``: bind, specialise, compile (or take
     the JIT's cache), and return before the launch at jit.py:776."""
+    start = time.perf_counter()
     try:
         kernel, error = _ORIGINAL["jit_run"](self, *args, grid=grid, warmup=True, **kwargs), None
     except Exception as e:  # a config the compiler rejects is a finding, not a crash
         kernel, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-    LAUNCHES.append((self, kernel, error, _AUTOTUNE.get()))
+    LAUNCHES.append((self, kernel, error, _AUTOTUNE.get(), time.perf_counter() - start))
     return kernel
 
 
@@ -89,12 +95,19 @@ def _autotuner_run(self, *args, **kwargs):
     """``Autotuner.run`` (autotuner.py:232) compiling every config in ``self.configs``; ``kept``
     is what the autotuner's own ``prune_configs`` (autotuner.py:299) returns, called as run()
     calls it (``self.nargs`` set, the launch's keyword arguments), and every config when there
-    is only one (run() then skips pruning)."""
+    is only one (run() then skips pruning); ``chosen`` is the config ``kernels.configs`` launches
+    without benchmarking on the GPU machine (its tables, else the heuristic)."""
+    from kernels import configs
+
     self.nargs = dict(zip(self.arg_names, args))
     kept = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+    tables = (configs.TABLES / f"{configs.table_name(GPU_NAME)}.json",
+              configs.TABLES / "sm_{}{}.json".format(*GPU_CAPABILITY))
+    chosen = configs.pick(self, dict(self.nargs), kwargs, tables)
     ret = None
-    for config in self.configs:
-        token = _AUTOTUNE.set((config, config in kept))
+    wanted = {"all": self.configs, "kept": kept, "chosen": [chosen]}[COMPILE]
+    for config in wanted:
+        token = _AUTOTUNE.set((config, config in kept, config is chosen))
         try:
             ret = self.fn.run(*args, **kwargs, **config.all_kwargs())
         finally:
@@ -132,11 +145,14 @@ def install():
         torch.cuda.current_device = lambda: 0
         torch.cuda.device = _NoDeviceGuard
     import kernels.common
+    import kernels.configs
     import kernels.grouped_conv_bn_relu as op
 
     # The launchers refuse CPU tensors with the interpreter off; their stand-ins here are CPU tensors.
     # Every other check still runs.
     kernels.common.CPU_TENSORS_OK = True
+    # through the autotuner (hooked above) to compile every config, not only the one kernels.configs picks
+    kernels.configs.AUTOTUNE = True
     return op
 
 
@@ -290,9 +306,10 @@ _ANALYSIS_KEYS = ("registers", "spill_bytes", "spill_stores", "spill_loads", "st
                   "over_shared", "ctas_per_sm", "ctas_limited_by", "mma", "mma_shape", "load_counts")
 
 
-def describe_launch(fn, kernel, error, autotune, activation_type):
+def describe_launch(fn, kernel, error, autotune, compile_s, activation_type):
     """The record of one launch, minus the job's shape/dtype/mode: kernel name, config, kept,
-    the JIT's specialisation and, when it compiled, ``analyse(kernel)``; ``loads`` summarises the
+    chosen, the JIT's specialisation, the seconds it took to compile (bind, specialise, compile
+    or find in Triton's cache) and, when it compiled, ``analyse(kernel)``; ``loads`` summarises the
     loads of the pointers to ``activation_type`` (e.g. ``*bf16``): activations and weights."""
     rec = {"kernel": fn.fn.__name__, "constexprs": {}, "specialization": {}}
     names = fn.arg_names
@@ -314,18 +331,19 @@ def describe_launch(fn, kernel, error, autotune, activation_type):
         }
         num_warps, num_stages = md.num_warps, md.num_stages
     if autotune is not None:
-        config, kept = autotune
+        config, kept, chosen = autotune
         rec["config"] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
         if config.num_ctas not in (None, 1):
             rec["config"]["num_ctas"] = config.num_ctas
         if config.maxnreg is not None:
             rec["config"]["maxnreg"] = config.maxnreg
-        rec["kept"], rec["autotuned"] = bool(kept), True
+        rec["kept"], rec["chosen"], rec["autotuned"] = bool(kept), bool(chosen), True
     else:
         # launched as it is: its meta-parameters are its block sizes (named BLOCK_*)
         blocks = {k: v for k, v in rec["constexprs"].items() if k.startswith("BLOCK")}
         rec["config"] = {**blocks, "num_warps": num_warps, "num_stages": num_stages}
-        rec["kept"], rec["autotuned"] = True, False
+        rec["kept"], rec["chosen"], rec["autotuned"] = True, True, False
+    rec["compile_s"] = round(compile_s, 3)
     rec.update(dict.fromkeys(_ANALYSIS_KEYS), loads=None)
     if kernel is not None:
         params = [n if str(t).startswith("*") else None for n, t in types.items() if t != "constexpr"]
@@ -353,10 +371,18 @@ MODES = {
 }
 
 
+def block_inplanes(shape):
+    """Input channels of the ResNeXt bottlenecks whose grouped conv is ``shape``: a stride-2 shape is
+    its stage's first block (projection from planes·2 channels); a stride-1 shape the identity blocks
+    (planes·4), and at stage 1 also the network's first block (a stride-1 projection from 64)."""
+    planes = 64 * 2 ** (shape.stage - 1)
+    if shape.stride == 2:
+        return [planes * 2]
+    return [planes * 4] + ([planes] if shape.stage == 1 else [])
+
+
 def _run_block(mode, shape, n, dtype):
-    """The fused bottleneck (kernels/bottleneck.py) whose grouped conv is ``shape``: a stride-2
-    shape is its stage's first block (projection from planes·2 channels), a stride-1 shape an
-    identity block."""
+    """The fused bottlenecks (kernels/bottleneck.py) whose grouped conv is ``shape`` (``block_inplanes``)."""
     import torch.nn as nn
 
     import resnext
@@ -365,17 +391,18 @@ def _run_block(mode, shape, n, dtype):
     training, grad, backward = MODES[mode]
     planes = 64 * 2 ** (shape.stage - 1)
     wpg = shape.channels * 64 // (planes * shape.groups)
-    inplanes = planes * 2 if shape.stride == 2 else planes * 4
-    down = None
-    if shape.stride == 2:
-        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, 2, bias=False), nn.BatchNorm2d(planes * 4))
-    block = resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg).train(training)
-    x = torch.empty((n, inplanes, shape.size, shape.size), dtype=dtype).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        y = fused_bottleneck(x, block)
-    if backward:
-        y.backward(torch.empty_like(y))
+    for inplanes in block_inplanes(shape):
+        down = None
+        if shape.stride == 2 or inplanes != planes * 4:
+            down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, shape.stride, bias=False),
+                                 nn.BatchNorm2d(planes * 4))
+        block = resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg).train(training)
+        x = torch.empty((n, inplanes, shape.size, shape.size), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = fused_bottleneck(x, block)
+        if backward:
+            y.backward(torch.empty_like(y))
 
 
 def _run_mode(op, mode, n, c, h, w, groups, stride, dtype):
@@ -396,6 +423,30 @@ def _run_mode(op, mode, n, c, h, w, groups, stride, dtype):
 
 
 OP_MODES = ("inference", "train", "train_no_grad", "frozen_bn")  # the op's; the block_* modes are --blocks
+
+
+def compile_job(shape, batch, dtype_name, modes, configs="chosen"):
+    """Compile into Triton's cache what the op or block launches in ``modes`` at ``shape`` would,
+    ``configs`` ("chosen", "kept", "all") of each autotuned kernel, without analysing it: a
+    machine's cache warmed in parallel before its first launch. Returns (compiles, errors)."""
+    global COMPILE
+    COMPILE = configs
+    install()
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    compiles, errors = 0, []
+    for mode in modes:
+        LAUNCHES.clear()
+        try:
+            if mode.startswith("block"):
+                _run_block(mode, shape, batch, getattr(torch, dtype_name))
+            else:
+                _run_mode(install(), mode, batch, shape.channels, shape.size, shape.size, shape.groups, shape.stride,
+                          getattr(torch, dtype_name))
+        except Exception as e:
+            errors.append(f"{shape.id} {dtype_name} {mode}: {type(e).__name__}: {str(e)[:300]}")
+        compiles += len(LAUNCHES)
+        errors += [f"{shape.id} {dtype_name} {mode} {fn.fn.__name__}: {err}" for fn, _, err, *_ in LAUNCHES if err]
+    return compiles, errors
 
 
 def run_job(shape, batch, dtype_name, modes=OP_MODES):
@@ -424,6 +475,7 @@ def run_job(shape, batch, dtype_name, modes=OP_MODES):
                 if mode not in records[key]["modes"]:
                     records[key]["modes"].append(mode)
                 records[key]["kept"] |= rec["kept"]
+                records[key]["chosen"] |= rec["chosen"]
                 continue
             rec.pop("hash", None)
             rec = {

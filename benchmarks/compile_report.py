@@ -9,12 +9,19 @@ compile every shipped config (``benchmarks/_aot.py`` has the hooks). Nothing is 
     python -m benchmarks.compile_report                   # everything, ~10 min on 2 cores cold
     python -m benchmarks.compile_report --quick           # 2 shapes, bfloat16 + float16 (the test)
     python -m benchmarks.compile_report --dtype bfloat16 --arch resnext50_32x4d --batch 64
+    python -m benchmarks.compile_report --blocks --cold   # the fused bottleneck's kernels, cold compile times
 
-Writes ``compile-sm90.json`` (``{"meta": {"triton", "kernels_hash", ...}, "records": [...]}``,
-one record per compiled kernel) and ``compile-sm90.md`` beside it for reviewers. Regenerate
-whenever ``kernels/`` changes: ``kernels_hash`` (sha256 of ``kernels/**/*.py`` in sorted path order)
-is how a test tells a stale report. Exits 1 when a config autotuning keeps overflows shared
-memory or fails to compile, or the op fails in some mode.
+Writes ``compile-sm90-triton<X.Y>.json`` (``{"meta": {"triton", "kernels_hash", ...}, "records":
+[...]}``, one record per compiled kernel) and the ``.md`` beside it for reviewers, ``-blocks`` in the
+name with ``--blocks``; X.Y is the Triton that compiled, so that the reports of the GPU machine's
+Triton (3.6: run this under it, e.g. from a venv with ``triton==3.6.0``) and of this machine's sit
+side by side. Regenerate whenever ``kernels/`` changes: ``kernels_hash`` (sha256 of
+``kernels/**/*.py`` in sorted path order) is how a test tells a stale report. Each record says
+whether autotuning keeps its config (``kept``), whether ``kernels.configs`` launches it on the GPU
+machine without benchmarking (``chosen``: its tables, else the heuristic) and how long it took
+(``compile_s``; ``--cold`` compiles into an empty Triton cache, so that these are what a fresh GPU
+machine pays: ``benchmarks/window.py`` plans with them). Exits 1 when a config autotuning keeps
+overflows shared memory or fails to compile, or the op fails in some mode.
 """
 
 import argparse
@@ -25,6 +32,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import metadata
@@ -37,6 +45,12 @@ from benchmarks.shapes import ARCHS, block_shapes
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "compile-sm90"
+
+
+def report_name(blocks=False, triton_version=None):
+    """``compile-sm90[-blocks]-triton<major.minor>``: the file stem of a report."""
+    version = ".".join(re.findall(r"\d+", triton_version or metadata.version("triton"))[:2])
+    return f"{NAME}{'-blocks' if blocks else ''}-triton{version}"
 DTYPES = ("bfloat16", "float16", "float32")
 # narrowest groups at stride 1 and widest groups at stride 2: the extremes of tiles and paths
 QUICK_SHAPES = (("resnext50_32x4d", "stage1"), ("resnext101_32x8d", "stage4/s2"))
@@ -138,7 +152,8 @@ def write_markdown(path, meta, records, failures):
           "(`tests/test_compile_sm90.py` checks).", "",
           "Each row is one kernel (and the constexpr variant that tells its launches apart) at one ResNeXt "
           "grouped-conv shape, with the *kept* config (autotuning's prune keeps it) that neither spills nor "
-          "overflows shared memory and keeps the most warps resident; `kept` counts kept / compiled configs. "
+          "overflows shared memory and keeps the most warps resident; `kept` counts kept / compiled configs; "
+          "`launched` is the config `kernels.configs` launches without benchmarking on the GPU machine. "
           "Registers and spills are ptxas' (`-v`); spill = spill stores + loads in bytes; CTAs/SM from "
           "registers, shared memory (+1 KiB reserved per CTA, 228 KiB per SM) and threads on an H100; loads: "
           "the global loads of tensors in the activation dtype (every tensor in float32), per pointer, traced "
@@ -170,8 +185,9 @@ def write_markdown(path, meta, records, failures):
                f"{', '.join(f'`{k}`' for k in meta['not_launched'])}."]
     for dtype in meta["dtypes"]:
         md += ["", f"## {dtype}", "",
-               "| model | stage | kernel | variant | kept | config | regs | spill | shared KiB | CTAs/SM | mma | loads | flags |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| model | stage | kernel | variant | kept | config | regs | spill | shared KiB | CTAs/SM | mma | loads "
+               "| launched | flags |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = {}
         for r in records:
             if r["dtype"] == dtype:
@@ -180,19 +196,21 @@ def write_markdown(path, meta, records, failures):
         for (arch, stage, kernel, variant), recs in sorted(
                 rows.items(), key=lambda kv: (kv[0][2], kv[0][3], meta["shapes"].index(f"{kv[0][0]} {kv[0][1]}"))):
             b = best(recs)
+            chosen = next((r for r in recs if r.get("chosen")), None)
+            launched = "same" if chosen is b else config_label(chosen["config"]) if chosen else "-"
             flags = [f"spill {config_label(r['config'])} ({r['spill_bytes']} B)" for r in recs
                      if r["kept"] and not r["error"] and r["spill_bytes"]]
             flags += [f"SHARED {config_label(r['config'])}" for r in recs if r["kept"] and not r["error"] and r["over_shared"]]
             flags += [f"ERROR {config_label(r['config'])}" for r in recs if r["kept"] and r["error"]]
             if b["error"]:
                 md.append(f"| {arch} | {stage} | `{kernel}` | {variant or '-'} | {sum(r['kept'] for r in recs)}/{len(recs)} "
-                          f"| {config_label(b['config'])} | | | | | | | {'; '.join(flags)} |")
+                          f"| {config_label(b['config'])} | | | | | | | | {launched} | {'; '.join(flags)} |")
                 continue
             md.append(
                 f"| {arch} | {stage} | `{kernel}` | {variant or '-'} | {sum(r['kept'] for r in recs)}/{len(recs)} "
                 f"| {config_label(b['config'])} | {b['registers']} | {b['spill_bytes']} | {b['shared_bytes'] / 1024:.1f} "
                 f"| {b['ctas_per_sm']} ({_LIMITER[b['ctas_limited_by']]}) | {b['mma']}{' ' + b['mma_shape'] if b['mma_shape'] else ''} "
-                f"| {b['loads'].replace('_ptr', '') or '-'} | {'; '.join(flags)} |")
+                f"| {b['loads'].replace('_ptr', '') or '-'} | {launched} | {'; '.join(flags)} |")
     path.write_text("\n".join(md) + "\n")
 
 
@@ -217,6 +235,8 @@ def main(argv=None):
                         help="compile the whole fused bottleneck (kernels/bottleneck.py: the 1x1 GEMMs, the "
                              "tail, the grouped conv with its prologue) whose grouped conv has each shape, into "
                              f"{NAME}-blocks.{{json,md}}")
+    parser.add_argument("--cold", action="store_true",
+                        help="compile into an empty Triton cache (compile_s as on a fresh machine)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                         help="compile processes (default: CPU count, at most 8; each may use ~2.5 GB)")
     args = parser.parse_args(argv)
@@ -227,6 +247,8 @@ def main(argv=None):
         shapes = [s for s in shapes if (s.arch, s.label) in QUICK_SHAPES]
     # widest groups first: their compiles are the slowest, so the pool ends evenly
     jobs = sorted(((s, d) for s in shapes for d in dtypes), key=lambda j: -j[0].channels_per_group)
+    if args.cold:  # read by the spawned workers' Triton
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
     start, source_hash = time.perf_counter(), kernels_hash()
     records, failures = [], []
     ctx = multiprocessing.get_context("spawn")  # fresh workers: nothing decorated for the interpreter
@@ -250,9 +272,10 @@ def main(argv=None):
         "batch": args.batch, "dtypes": list(dtypes), "archs": list(args.arch), "quick": args.quick,
         "shapes": [f"{s.arch} {s.label}" for s in shapes], "not_launched": sorted(_defined_kernels() - launched),
         "failures": failures, "runtime_s": round(runtime, 1), "python": platform.python_version(),
-        "blocks": args.blocks, "flags": [a for a in (argv if argv is not None else sys.argv[1:])],
+        "blocks": args.blocks, "cold_cache": args.cold, "jobs": args.jobs,
+        "flags": [a for a in (argv if argv is not None else sys.argv[1:])],
     }
-    name = NAME + ("-blocks" if args.blocks else "")
+    name = report_name(args.blocks)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.out_dir / f"{name}.json", meta, records)
     write_markdown(args.out_dir / f"{name}.md", meta, records, failures)

@@ -6,6 +6,7 @@ and the run says why in one line (``skip_summary``), even under ``-q``.
 """
 
 import gc
+import os
 import subprocess
 from pathlib import Path
 
@@ -103,8 +104,21 @@ def _nvidia_smi() -> str:
         return f"nvidia-smi unavailable ({e.__class__.__name__})"
 
 
+def git_sha() -> str | None:
+    """The commit measured: ``$RESNEXT_GIT_SHA`` (the GPU machine gets a copy of the tree without
+    ``.git``: gpu_session.sh passes it on), else ``git rev-parse HEAD`` where that works."""
+    if os.environ.get("RESNEXT_GIT_SHA"):
+        return os.environ["RESNEXT_GIT_SHA"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions() -> dict:
-    """Library versions and GPU name recorded with every result."""
+    """Library versions, GPU name and the commit, recorded with every result."""
     import triton
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -114,6 +128,7 @@ def versions() -> dict:
         "triton": triton.__version__,
         "cudnn": str(cudnn) if cudnn else None,
         "cuda": torch.version.cuda,
+        "git_sha": git_sha(),
     }
 
 

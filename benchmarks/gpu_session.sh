@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, in a few device calls (each call has a 10-minute limit):
+# What a session with a lent GPU runs. A lent GPU has 15 minutes of device time all told (a fresh
+# machine's start included) and 10 minutes a call: the first call is `window`, a second `window2`
+# only if 5 minutes remain (benchmarks/window.py; benchmarks/results/README.md says how the time goes):
+#
+#   RESNEXT_GIT_SHA=<commit> bash benchmarks/gpu_session.sh window   # one call, <= 8 min: smoke, blocks,
+#                                                        # bottlenecks, models at batch 256 and 32, tune, report
+#   bash benchmarks/gpu_session.sh window --dry-run      # its plan, on any machine: compiles, runs, seconds
+#   bash benchmarks/gpu_session.sh window2 [--dry-run]   # torch.compile baselines, an ncu profile
+#
+# and, one at a time, the steps sessions used before (each call has a 10-minute limit):
 #
 #   bash benchmarks/gpu_session.sh tests                 # versions + the whole suite, interpreter off
 #   bash benchmarks/gpu_session.sh blocks [pytest -k]    # block benchmarks, bfloat16 by default
@@ -34,6 +43,14 @@ PY
 }
 
 case "$step" in
+  window|window2)
+    if [ "${1:-}" = "--dry-run" ]; then
+      python -m benchmarks.window plan "$step"
+    else
+      OUT="$out" python -m benchmarks.window run "$step"
+      cat "$out/window.log"
+    fi
+    ;;
   tests)
     versions | tee "$out/versions.txt"
     # every test, not -x: one GPU failure must not hide the next; -n compiles the kernels in parallel
@@ -141,7 +158,7 @@ PY
     python -m benchmarks.compile_report --out-dir "$out" 2>&1 | tail -20
     ;;
   *)
-    echo "usage: $0 tests|blocks [-k expr]|bottleneck [-k expr]|models [-k expr]|patch|report|profile [stage] [stride]|trainer|trainer-block|aot" >&2
+    echo "usage: $0 window [--dry-run]|window2 [--dry-run]|tests|blocks [-k expr]|bottleneck [-k expr]|models [-k expr]|patch|report|profile [stage] [stride]|trainer|trainer-block|aot" >&2
     exit 2
     ;;
 esac

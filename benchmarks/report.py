@@ -28,7 +28,8 @@ from benchmarks.shapes import ARCHS, BOTTLENECK_MODES, MODES, block_shapes, bott
 BLOCK_KEYS = ("op", "arch", "stage", "shape", "groups", "stride", "dtype", "mode", "provider",
               "median_ms", "tflops", "gbps", "roofline")
 KERNELS_KEY = "kernels"  # optional, after BLOCK_KEYS: {kernel name: ms per call}, fused blocks only
-MODEL_KEYS = ("op", "arch", "mode", "batch", "dtype", "provider", "images_per_s")
+# batch: the one run (halved until it fits); bench_batch: the one asked for; host_ms: CPU time to enqueue a step
+MODEL_KEYS = ("op", "arch", "mode", "batch", "dtype", "provider", "images_per_s", "bench_batch", "host_ms")
 BOTTLENECK_KEYS = ("op", "arch", "stage", "stride", "inplanes", "planes", "groups", "dtype", "mode", "provider",
                    "layout", "median_ms", "tflops", "gbps", "roofline")
 TOP_KERNELS = 3  # kernels named per fused block in the .md; the rest are summed
@@ -41,11 +42,11 @@ GOAL_ARCH = "resnext50_32x4d"
 # the issue's goals, on bfloat16 at batch 256: {mode: least speedup over cudnn}
 BLOCK_GOALS = {"inference": 2.0, "train_fwd_bwd": 1.3}
 BLOCK_ROOFLINE_GOAL = 0.60
-MODEL_GOALS = {"inference": 1.3, "train": 1.15}
+# GOAL_ARCH's images/s, the faster fused level (conv or whole block) over a baseline, at every batch run
+MODEL_GOALS = {("inference", "cudnn"): 1.5, ("train", "cudnn"): 1.3, ("train", "compile"): 1.1}
 # the fused-bottleneck issue's goals: fused_block's least speedup over a baseline at every GOAL_ARCH
 # bottleneck, and GOAL_ARCH's images/s with every bottleneck fused
 BOTTLENECK_GOALS = {("train_fwd_bwd", "cudnn"): 1.5, ("train_fwd_bwd", "compile"): 1.2, ("inference", "cudnn"): 1.5}
-BLOCK_LEVEL_MODEL_GOALS = {("train", "cudnn"): 1.3, ("train", "compile"): 1.1}
 
 
 def gpu_slug(name: str) -> str:
@@ -91,8 +92,9 @@ def records(data: dict) -> list[dict]:
             rec.update(throughput(info["flops"], info["bytes"], rec["median_ms"], info.get("copy_gbps")))
             out.append({k: rec[k] for k in BOTTLENECK_KEYS})
         elif info.get("op") == "model":
-            rec = {k: info[k] for k in MODEL_KEYS if k != "images_per_s"}
+            rec = {k: info.get(k) for k in MODEL_KEYS}
             rec["images_per_s"] = rec["batch"] / bench["stats"]["median"]
+            rec["bench_batch"] = rec["bench_batch"] or rec["batch"]
             out.append(rec)
     order = {p: i for i, p in enumerate(PROVIDERS + ("fused_conv", "fused_block"))}
     out.sort(key=lambda r: (r["op"], r["arch"], r.get("dtype", ""), r["mode"], r.get("stage", 0),
@@ -108,6 +110,7 @@ def meta(data: dict) -> dict:
     sha = commit.get("id")
     if sha and commit.get("dirty"):
         sha += "-dirty"
+    sha = sha or first.get("git_sha")  # a tree copied without .git: the benchmarks recorded it
     return {
         "gpu": first.get("gpu") or (data.get("machine_info") or {}).get("node") or "unknown",
         "torch": first.get("torch"),
@@ -174,12 +177,18 @@ def bottleneck_table(recs) -> dict:
 
 
 def model_table(recs) -> dict:
-    """``{(arch, mode): {provider: record}}``."""
+    """``{(arch, mode, batch asked for): {provider: record}}``."""
     table = defaultdict(dict)
     for r in recs:
         if r["op"] == "model":
-            table[(r["arch"], r["mode"])][r["provider"]] = r
+            table[(r["arch"], r["mode"], r.get("bench_batch") or r.get("batch"))][r["provider"]] = r
     return table
+
+
+def best_fused(row) -> str:
+    """The faster fused level of a model row: ``fused`` (conv) or ``fused_block``."""
+    levels = [p for p in ("fused", "fused_block") if row.get(p)]
+    return max(levels, key=lambda p: row[p]["images_per_s"]) if levels else "fused"
 
 
 def goals(recs) -> list[tuple[str, str, float | None, bool | None]]:
@@ -196,12 +205,11 @@ def goals(recs) -> list[tuple[str, str, float | None, bool | None]]:
             check("block inference: lowest fused roofline fraction", f">= {BLOCK_ROOFLINE_GOAL:.0%}", roof,
                   lambda v: v >= BLOCK_ROOFLINE_GOAL)
     models = model_table(recs)
-    for mode, target in MODEL_GOALS.items():
-        row = models.get((GOAL_ARCH, mode), {})
-        check(f"{GOAL_ARCH} {mode}: fused over cudnn images/s", f">= {target}x", speedup(row, "cudnn"),
-              lambda v: v >= target)
-        check(f"{GOAL_ARCH} {mode}: fused over compile images/s", ">= 1.0x", speedup(row, "compile"),
-              lambda v: v >= 1.0)
+    for batch in sorted({k[2] for k in models if k[0] == GOAL_ARCH}, reverse=True) or [None]:
+        for (mode, over), target in MODEL_GOALS.items():
+            row = models.get((GOAL_ARCH, mode, batch), {})
+            check(f"{GOAL_ARCH} {mode} batch {batch}: fused (faster level) over {over} images/s", f">= {target}x",
+                  speedup(row, over, of=best_fused(row)), lambda v, t=target: v >= t)
     bottlenecks = bottleneck_table(recs)
     for (mode, over), target in BOTTLENECK_GOALS.items():
         rows = [row for key, row in bottlenecks.items() if key[:2] == (GOAL_ARCH, mode)]
@@ -209,10 +217,6 @@ def goals(recs) -> list[tuple[str, str, float | None, bool | None]]:
         least = min(ups) if ups and None not in ups else None  # every block measured, or no figure
         check(f"bottleneck {mode}: fused_block over {over}, least of {GOAL_ARCH}'s blocks", f">= {target}x",
               least, lambda v, t=target: v >= t)
-    for (mode, over), target in BLOCK_LEVEL_MODEL_GOALS.items():
-        row = models.get((GOAL_ARCH, mode), {})
-        check(f"{GOAL_ARCH} {mode}: fused_block over {over} images/s", f">= {target}x",
-              speedup(row, over, of="fused_block"), lambda v, t=target: v >= t)
     return out
 
 
@@ -282,7 +286,7 @@ def missing_cases(recs) -> list[str]:
                 if gone:
                     lines.append(f"- blocks {arch} {GOAL_DTYPE} {mode} `{provider}`: {', '.join(gone)}")
     models = {(r["arch"], r["mode"], r["provider"]) for r in recs if r["op"] == "model"}
-    for mode in MODEL_GOALS:
+    for mode in dict.fromkeys(mode for mode, _ in MODEL_GOALS):
         gone = [p for p in MODEL_PROVIDERS if (GOAL_ARCH, mode, p) not in models]
         if gone:
             lines.append(f"- model {GOAL_ARCH} {mode}: {', '.join(f'`{p}`' for p in gone)}")
@@ -350,15 +354,19 @@ def markdown(result: dict, copy_gbps: float | None = None) -> str:
     if models:
         lines += ["", "## Models (bfloat16 autocast, channels_last), images/s", "",
                   "`fused`: every grouped conv + BN + ReLU fused; `fused_block`: every whole bottleneck.", "",
+                  "Host ms: the CPU time one step takes to enqueue (median), cudnn / fused / fused_block: where it "
+                  "nears the step's time, the GPU waits on Python.", "",
                   "| arch | mode | batch | cudnn | compile | fused | fused_block | fused / cudnn | fused / compile "
-                  "| fused_block / cudnn | fused_block / compile |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for (arch, mode), row in sorted(models.items()):
+                  "| fused_block / cudnn | fused_block / compile | host ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (arch, mode, _), row in sorted(models.items(), key=lambda kv: (kv[0][0], kv[0][1], -(kv[0][2] or 0))):
             batches = sorted({r["batch"] for r in row.values()})
             ips = [_fmt(row.get(p, {}).get("images_per_s"), ".0f") for p in MODEL_PROVIDERS]
             ups = [_fmt(speedup(row, over, of), ".2f", "x") for of in ("fused", "fused_block")
                    for over in ("cudnn", "compile")]
-            lines.append(f"| {arch} | {mode} | {', '.join(map(str, batches))} | {' | '.join(ips)} | {' | '.join(ups)} |")
+            host = " / ".join(_fmt(row.get(p, {}).get("host_ms"), ".1f") for p in ("cudnn", "fused", "fused_block"))
+            lines.append(f"| {arch} | {mode} | {', '.join(map(str, batches))} | {' | '.join(ips)} | {' | '.join(ups)} "
+                         f"| {host} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,11 +15,16 @@ Timing is pytest-benchmark's: ``benchmark.pedantic`` around ``step(); torch.cuda
 after warm-up steps (compilation, autotuning) outside it. A step is tens to hundreds of ms, so the
 one synchronisation per step costs well under 1%, and wall-clock time is the right measure here:
 CPU overhead between kernels is part of what a model step costs. ``images_per_s = batch /
-stats.median``; ``benchmarks/report.py`` computes it the same way.
+stats.median``; ``benchmarks/report.py`` computes it the same way. ``host_ms`` is the median CPU
+time of ``step()`` alone, before the synchronisation: what Python and the launches cost the CPU per
+step. Where it nears the step's time the GPU waits on the host (the seed recipe's batch of 32 per
+GPU: ``--bench-batch 32``).
 """
 
 import gc
 import itertools
+import statistics
+import time
 
 import pytest
 import torch
@@ -98,20 +103,25 @@ def test_model(benchmark, gpu_env, cudnn_times, bench_batch, compile_mode, model
     arch, mode, provider = model_case
     step, batch = _fitting_step(arch, mode, provider, bench_batch, compile_mode)
 
+    host = []
+
     def timed():
+        start = time.perf_counter()
         step()
+        host.append(time.perf_counter() - start)
         torch.cuda.synchronize()
 
-    benchmark.group = f"{arch} {mode}"
+    benchmark.group = f"{arch} {mode} batch {bench_batch}"
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1)
     images_per_s = batch / benchmark.stats.stats.median
-    config = ("model", arch, mode)
+    config = ("model", arch, mode, bench_batch)
     if provider == "cudnn":
         cudnn_times[config] = images_per_s
     benchmark.extra_info.update(gpu_env)
     benchmark.extra_info.update(
-        op="model", arch=arch, mode=mode, batch=batch, dtype="bfloat16", provider=provider,
+        op="model", arch=arch, mode=mode, batch=batch, bench_batch=bench_batch, dtype="bfloat16", provider=provider,
         images_per_s=images_per_s, median_ms=benchmark.stats.stats.median * 1e3,
+        host_ms=statistics.median(host) * 1e3,
         speedup_vs_cudnn=images_per_s / cudnn_times[config] if config in cudnn_times else None,
         compile_mode=compile_mode if provider == "compile" else None,
         timer="pytest-benchmark stats.median of step() + torch.cuda.synchronize()")

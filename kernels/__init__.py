@@ -2,7 +2,8 @@
 
 Public: ``kernels.grouped_conv_bn_relu`` (the fused op, function and module) and
 ``kernels.bottleneck`` (the fused bottleneck, function and module). The kernels live by family in
-``conv3x3/``, ``conv1x1/`` and ``batchnorm/``, with shared Triton helpers in ``common.py``.
+``conv3x3/``, ``conv1x1/`` and ``batchnorm/``, with shared Triton helpers in ``common.py``; which
+config each autotuned kernel launches with (shipped tables, else a heuristic) in ``configs/``.
 
 The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter. Triton decides
 which when a kernel is *decorated*, i.e. when ``kernels.grouped_conv_bn_relu`` is imported, so the

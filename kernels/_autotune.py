@@ -32,18 +32,23 @@ def cache_enabled():
     return SUPPORTS_CACHE and os.environ.get("RESNEXT_AUTOTUNE_CACHE", "1") != "0"
 
 
-def autotune(config_factory, key, **kwargs):
+def autotune(config_factory, key, heuristic=None, **kwargs):
     """``triton.autotune(configs=config_factory(), key=key, **kwargs)``, with ``cache_results=True``
     where this Triton supports it (see the module docstring). ``config_factory(interpret=...)``
     gives the configs of the interpreter or of a GPU; the tuner keeps the GPU's as ``gpu_configs``
-    (``kernels.common.gpu_tiles`` launches them on the CPU too)."""
+    and ``heuristic(kept configs) -> config`` as ``heuristic`` (default: the first), which
+    ``kernels.configs`` launch without benchmarking."""
+    from .common import INTERPRET
+    from .configs import first_kept
+
     if cache_enabled():
         kwargs.setdefault("cache_results", True)
     decorate = triton.autotune(configs=config_factory(), key=key, **kwargs)
 
     def decorator(fn):
         tuner = decorate(fn)
-        tuner.gpu_configs = config_factory(interpret=False)
+        tuner.gpu_configs = config_factory(interpret=False) if INTERPRET else tuner.configs
+        tuner.heuristic = heuristic or first_kept
         MADE.append(tuner)
         return tuner
 

@@ -1,6 +1,7 @@
 """Triton helpers every kernel family shares: the interpreter switch and the tiles that differ
 under it, the activation dtypes and the device check, the device guard, tl.dot with its precision,
-forced-config launches, batch-size buckets for autotune keys, and ReLU / BatchNorm + ReLU's gradient.
+batch-size buckets for autotune keys, and ReLU / BatchNorm + ReLU's gradient. (Which config an
+autotuned kernel launches with: ``kernels.configs``.)
 
 Kernel families: ``kernels/conv3x3`` (the grouped 3x3 conv), ``kernels/conv1x1`` (the 1x1 GEMMs of
 the bottleneck), ``kernels/batchnorm`` (statistics, reductions and pointwise kernels).
@@ -50,7 +51,7 @@ class Tiles:
     wgrad_block_k: int
     min_split_rows: int  # fewest pixels per 1x1 weight-gradient split
     materialize_dz: bool  # the op's backward writes dz once (kernels.batchnorm.pointwise.bn_relu_bwd)
-    gpu_configs: bool  # autotuned kernels launch a GPU config (the first their pruning keeps)
+    gpu_configs: bool  # autotuned kernels launch GPU configs (kernels.configs), not the interpreter's
 
 
 GPU_TILES = Tiles(pointwise_block_m=64, wgrad_block_k=64, min_split_rows=2048, materialize_dz=False,
@@ -147,26 +148,6 @@ def multiprocessors(device):
     if device.type != "cuda":
         return STAND_IN_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def first_kept_config(kernel, args, meta):
-    """The first of an autotuned kernel's GPU configs that its own pruning keeps for these arguments."""
-    configs = kernel.gpu_configs
-    prune = kernel.early_config_prune
-    kept = prune(configs, dict(zip(kernel.arg_names, args)), **meta) if prune and len(configs) > 1 else configs
-    return kept[0]
-
-
-def launch(kernel, grid, config, *args, **meta):
-    """Launch an autotuned kernel, or force one of its configs (tests run every shipped config).
-    Under ``gpu_tiles()`` on the interpreter, the first GPU config that the kernel's pruning keeps."""
-    if config is None and INTERPRET and TILES.gpu_configs:
-        config = first_kept_config(kernel, args, meta)
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
 
 
 @triton.jit

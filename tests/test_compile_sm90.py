@@ -1,5 +1,6 @@
 """The sm_90 compile report: every kernel the op launches compiles for H100, and the committed
-report describes the kernels as they are.
+reports describe the kernels as they are, compiled by this machine's Triton (3.9) and by the GPU
+machine's (3.6).
 
 Runs without a GPU: ``python -m benchmarks.compile_report --quick`` compiles ahead of time with
 Triton's NVIDIA backend (nothing is launched). In a subprocess, because this test process
@@ -15,14 +16,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.compile_report import kernels_hash, problems
+from benchmarks.compile_report import kernels_hash, problems, report_name
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "benchmarks" / "results" / "compile-sm90.json"
+RESULTS = ROOT / "benchmarks" / "results"
+# the GPU machine's Triton, and this machine's: a report of each is committed
+TRITONS = ("3.6", "3.9")
 HALF = ("bfloat16", "float16")
 RECORD_KEYS = {"kernel": str, "shape": dict, "stride": int, "dtype": str, "config": dict, "kept": bool,
-               "registers": int, "spill_bytes": int, "shared_bytes": int, "ctas_per_sm": int, "mma": str,
-               "loads": str}
+               "chosen": bool, "compile_s": float, "registers": int, "spill_bytes": int, "shared_bytes": int,
+               "ctas_per_sm": int, "mma": str, "loads": str}
+
+
+def committed(version, blocks=False):
+    """The committed report (meta, records) of one Triton version."""
+    path = RESULTS / f"{report_name(blocks, version)}.json"
+    assert path.exists(), (f"run python -m benchmarks.compile_report{' --blocks' if blocks else ''} --cold under "
+                           f"triton {version} and commit benchmarks/results/{path.stem}.*")
+    report = json.loads(path.read_text())
+    return report["meta"], report["records"]
 # kernels the interpreter launches and the GPU path never does, and why
 INTERPRETER_ONLY = {"_bn_relu_bwd_kernel": "dz is written to memory only under the interpreter (TILES.materialize_dz)"}
 
@@ -46,8 +58,9 @@ def quick_report(tmp_path_factory):
     run = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--quick", "--out-dir", str(out_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert (out_dir / "compile-sm90.md").read_text().startswith("# ")
-    return json.loads((out_dir / "compile-sm90.json").read_text())
+    name = report_name()
+    assert (out_dir / f"{name}.md").read_text().startswith("# ")
+    return json.loads((out_dir / f"{name}.json").read_text())
 
 
 def _usable_kept(records):
@@ -140,44 +153,45 @@ def test_kept_config_over_shared_memory_fails_the_run():
     assert not problems([dict(rec, over_shared=False)], [])
 
 
-def test_committed_report_is_fresh():
-    """The committed report was generated from kernels/ as it is: regenerate it with
-    ``python -m benchmarks.compile_report`` whenever kernels/ changes."""
-    assert COMMITTED.exists(), "run python -m benchmarks.compile_report and commit benchmarks/results/compile-sm90.*"
-    meta = json.loads(COMMITTED.read_text())["meta"]
+@pytest.mark.parametrize("blocks", [False, True], ids=["op", "blocks"])
+@pytest.mark.parametrize("version", TRITONS)
+def test_committed_reports_are_fresh_and_usable(version, blocks):
+    """Each committed report was generated from kernels/ as it is (regenerate both with
+    ``python -m benchmarks.compile_report [--blocks] --cold`` under each Triton whenever kernels/
+    changes), over every shape and dtype, cold; no kept config fails or overflows shared memory;
+    every half-precision (kernel, shape) has a kept spill-free config, and the config the GPU
+    launches without benchmarking (``chosen``) compiles, fits and does not spill."""
+    meta, records = committed(version, blocks)
+    assert meta["triton"].startswith(version + "."), meta["triton"]
     assert meta["kernels_hash"] == kernels_hash(), (
-        "benchmarks/results/compile-sm90.json is stale: kernels/ changed since it was generated; "
-        "run python -m benchmarks.compile_report and commit the result")
-
-
-def test_committed_report_covers_every_shape_with_usable_configs():
-    report = json.loads(COMMITTED.read_text())
-    assert not report["meta"]["quick"] and not report["meta"]["failures"]
-    records = report["records"]
+        f"{report_name(blocks, version)}.json is stale: kernels/ changed since it was generated")
+    assert not meta["quick"] and not meta["failures"] and meta["blocks"] == blocks
     assert {r["dtype"] for r in records} == {"bfloat16", "float16", "float32"}
+    assert {r["stride"] for r in records} == {1, 2}
     assert not [r for r in records if r["kept"] and (r["error"] or r["over_shared"])]
     bad = [k for k, ok in _usable_kept(records).items() if not ok]
     assert not bad, f"no kept config without spills within shared memory: {bad}"
+    chosen_bad = [(r["kernel"], r["shape"]["stage"], r["dtype"], r["config"]) for r in records
+                  if r["chosen"] and r["dtype"] in HALF and (r["error"] or r["over_shared"] or r["spill_bytes"])]
+    assert not chosen_bad, f"launched without benchmarking but spills, overflows or fails: {chosen_bad[:5]}"
+    if blocks:
+        assert {"_conv1x1_kernel", "_dgrad_kernel", "_wgrad_kernel", "_tail_fwd_kernel", "_tail_bwd_kernel",
+                "_fwd_kernel", "_bwd_dx_kernel", "_bwd_dw_kernel"} <= {r["kernel"] for r in records}
 
 
-COMMITTED_BLOCKS = COMMITTED.with_name("compile-sm90-blocks.json")
+@pytest.mark.parametrize("blocks", [False, True], ids=["op", "blocks"])
+def test_what_compiles_under_39_compiles_under_36(blocks):
+    """Every (kernel, variant, stride) that compiles for sm_90 under triton 3.9 compiles under 3.6
+    too, with a kept bfloat16 config that neither spills nor overflows shared memory."""
+    def usable(records):
+        out = {}
+        for r in records:
+            if r["dtype"] == "bfloat16":
+                key = (r["kernel"], r["variant"], r["shape"]["arch"], r["shape"]["stage"], r["stride"])
+                ok = r["kept"] and not r["error"] and not r["over_shared"] and not r["spill_bytes"]
+                out[key] = out.get(key, False) or ok
+        return out
 
-
-def test_committed_block_report_is_fresh_and_usable():
-    """``python -m benchmarks.compile_report --blocks``: every kernel of the fused bottleneck
-    (kernels/bottleneck.py) compiled at every stage; generated from kernels/ as it is, no kept
-    config failing or over shared memory, and a kept spill-free config for every half-precision
-    (kernel, shape)."""
-    assert COMMITTED_BLOCKS.exists(), ("run python -m benchmarks.compile_report --blocks and commit "
-                                       "benchmarks/results/compile-sm90-blocks.*")
-    report = json.loads(COMMITTED_BLOCKS.read_text())
-    assert report["meta"]["blocks"] and not report["meta"]["failures"]
-    assert report["meta"]["kernels_hash"] == kernels_hash(), (
-        "compile-sm90-blocks.json is stale: run python -m benchmarks.compile_report --blocks")
-    records = report["records"]
-    launched = {r["kernel"] for r in records}
-    assert {"_conv1x1_kernel", "_dgrad_kernel", "_wgrad_kernel", "_tail_fwd_kernel", "_tail_bwd_kernel",
-            "_fwd_kernel", "_bwd_dx_kernel", "_bwd_dw_kernel"} <= launched
-    assert not [r for r in records if r["kept"] and (r["error"] or r["over_shared"])]
-    bad = [k for k, ok in _usable_kept(records).items() if not ok]
-    assert not bad, f"no kept config without spills within shared memory: {bad}"
+    new, old = usable(committed("3.9", blocks)[1]), usable(committed("3.6", blocks)[1])
+    missing = [k for k, ok in new.items() if ok and not old.get(k)]
+    assert not missing, f"compiles under triton 3.9 but not (usably) under 3.6: {missing[:5]}"

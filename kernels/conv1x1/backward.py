@@ -39,7 +39,8 @@ import triton.language as tl
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
 from ..common import (DTYPES, INTERPRET, MIN_DOT, TILES, bn_relu_grad, check_channel_vector, check_device, describe,
-                      dot_acc, dot_options, launch, multiprocessors, pixel_coords, relu, shape_bucket)
+                      dot_acc, dot_options, multiprocessors, pixel_coords, relu, shape_bucket)
+from ..configs import launch
 from .forward import k_tile
 
 # Shared memory a config may pipeline per CTA, estimated as num_stages x (the g, z and w or x

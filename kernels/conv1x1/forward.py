@@ -32,7 +32,8 @@ import triton.language as tl
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, chunk_stats, partials
 from ..common import (DTYPES, INTERPRET, MIN_DOT, check_channel_vector, check_device, describe, dot_acc, dot_options,
-                      launch, pixel_coords, relu, shape_bucket)
+                      pixel_coords, relu, shape_bucket)
+from ..configs import launch
 
 
 MAX_BLOCK_K = 64

@@ -28,10 +28,11 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
-from ..common import (TILES, bn_relu_grad, dot_acc, dot_options, launch, pixel_coords, reduction_splits, relu,
+from ..common import (TILES, bn_relu_grad, dot_acc, dot_options, pixel_coords, reduction_splits, relu,
                       shape_bucket)
-from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs,
-                    prune_wgrad_configs, wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
+from ..configs import launch
+from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prefer_l1_loads,
+                    prune_configs, prune_wgrad_configs, wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
 from .weights import other_side_chunks, pack_weight
 
 
@@ -51,9 +52,9 @@ def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEM
     return dz
 
 
-@autotune(conv_configs, prune_configs_by={"early_config_prune": prune_configs},
-           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "RELU_BN", "DZ_IN_MEMORY",
-                "PRECISION"])
+@autotune(conv_configs, heuristic=prefer_l1_loads, prune_configs_by={"early_config_prune": prune_configs},
+          key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "RELU_BN", "DZ_IN_MEMORY",
+               "PRECISION"])
 @triton.jit
 def _bwd_dx_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last

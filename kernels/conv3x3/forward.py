@@ -13,17 +13,19 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, chunk_stats, partials
-from ..common import dot_acc, dot_options, launch, pixel_coords, relu, shape_bucket
-from .tiles import aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prune_configs
+from ..common import dot_acc, dot_options, pixel_coords, relu, shape_bucket
+from ..configs import launch
+from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prefer_l1_loads,
+                    prune_configs)
 from .weights import pack_weight
 
 
 STORE_NOTHING, STORE_Z, STORE_BN_RELU = 0, 1, 2
 
 
-@autotune(conv_configs, prune_configs_by={"early_config_prune": prune_configs},
-           key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "STORE",
-                "COMPUTE_STATS", "PROLOGUE", "PRECISION"])
+@autotune(conv_configs, heuristic=prefer_l1_loads, prune_configs_by={"early_config_prune": prune_configs},
+          key=["N_BUCKET", "H", "W", "C_in", "C_out", "CIN_G", "STRIDE", "PAD", "STORE",
+               "COMPUTE_STATS", "PROLOGUE", "PRECISION"])
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # (N, H, W, C_in) channels-last

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..common import INTERPRET, MIN_DOT, TILES
+from ..configs import triton_release
 
 MAX_CHANNEL_TILE = 64
 
@@ -58,6 +59,21 @@ def conv_configs(interpret=INTERPRET):
             (64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1),  # through L1
         ]
     ]
+
+
+# Whether pipelined loads (num_stages > 1) can go through L1: triton 3.9 honours the taps'
+# cache_modifier=".ca" (cp.async.ca); 3.6 ignores it and emits cp.async.cg, which bypasses L1 (seen in
+# the sm_90 code of both). Versions in between are not assumed to.
+PIPELINED_LOADS_USE_L1 = triton_release() >= (3, 9)
+
+
+def prefer_l1_loads(kept):
+    """The heuristic config of the forward and the dgrad (``kernels.configs``): the first one pruning
+    keeps, except where pipelined loads bypass L1 (``PIPELINED_LOADS_USE_L1``): then the first
+    unpipelined one, whose plain loads go through L1, where the nine taps' overlapping windows hit."""
+    if PIPELINED_LOADS_USE_L1:
+        return kept[0]
+    return next((c for c in kept if c.num_stages == 1), kept[0])
 
 
 # Pixel tile × widest channel tile × element size a config may pipeline. From compiling every
