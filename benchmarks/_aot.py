@@ -397,7 +397,8 @@ def _run_block(mode, shape, n, dtype):
             down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, shape.stride, bias=False),
                                  nn.BatchNorm2d(planes * 4))
         block = resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg).train(training)
-        x = torch.empty((n, inplanes, shape.size, shape.size), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x = torch.empty((n, inplanes, shape.size, shape.size), dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             y = fused_bottleneck(x, block)

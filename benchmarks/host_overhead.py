@@ -235,7 +235,8 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|")
         for r in stub_table():
             print(f"| {r['case']} | {r['mode']} | {r['launches'] + r['aten']} ({r['launches']} + {r['aten']}) "
-                  f"| {r['eager']} | {r['fused_us']:.0f} | {r['eager_us']:.0f} | {r['fused_us'] / r['eager_us']:.2f}x |",
+                  f"| {r['eager']} | {r['fused_us']:.0f} | {r['eager_us']:.0f} "
+                  f"| {r['fused_us'] / r['eager_us']:.2f}x |",
                   flush=True)
             if args.verbose:
                 print(f"  fused: {', '.join(r['fused_ops'])}\n  eager: {', '.join(r['eager_ops'])}")

@@ -110,6 +110,13 @@ PLANS = {
                cases=[("model", ARCH, (256, ("cudnn", "fused", "fused_block")))]),
         _bench("models-32", "test_model_bench.py", 60, f"{ARCH} and not compile", "--bench-batch", "32",
                cases=[("model", ARCH, (32, ("cudnn", "fused", "fused_block")))]),
+        # the trainer at the seed recipe's batch, the step captured in a CUDA graph and not (img/s per run)
+        Step("trainer-32", 60, ["bash", "-c", "for g in --cuda-graphs --no-cuda-graphs; do "
+                                f"{PY[0]} -m resnext.train --synthetic --arch {ARCH} --amp bf16 --channels-last "
+                                "--fused-kernels --batch-size 32 --epochs 1 --synthetic-samples 1280 --workers 4 "
+                                "$g --out {out}/raw/train$g; tail -1 {out}/raw/train$g/metrics.jsonl; "
+                                "rm -f {out}/raw/train$g/*.pt; done"],
+             cases=[("trainer", ARCH, 2)]),
         Step("tune", 0, PY + ["-m", "benchmarks.tune", "--arch", ARCH, "--dtype", "bfloat16", "--budget-s", "{budget}",
                               "--out", "{out}/{table}"],
              compiles=[(ARCH, ("bfloat16",), OP + BLOCK, "kept", 16)], cases=[("tune", ARCH, None)], fill=True),
@@ -217,7 +224,8 @@ def case_seconds(kind, arch, spec, gpu_results, tune_runs=0, only=None):
         total = 0.0
         for mode in only or ("inference", "train"):
             for provider in providers:
-                rate = rates.get((mode, provider)) or rates.get((mode, "cudnn")) or (3000.0 if mode == "train" else 10000.0)
+                default = 3000.0 if mode == "train" else 10000.0  # images/s, H100 eager, batch 256
+                rate = rates.get((mode, provider)) or rates.get((mode, "cudnn")) or default
                 gpu_s = batch / rate
                 host_s = 16 * c["host_ms_per_fused_block"] / 1e3 if provider != "cudnn" else 0.0
                 total += c["model_build_s"] + c["model_steps"] * max(gpu_s, host_s)
@@ -225,6 +233,8 @@ def case_seconds(kind, arch, spec, gpu_results, tune_runs=0, only=None):
         return total
     if kind == "tune":
         return tune_runs * c["tune_bench_s"]
+    if kind == "trainer":  # runs of 40 steps of 32 images, host-bound: build, warm-up, steps
+        return spec * (c["python_torch_start"] + c["model_build_s"] + 40 * 16 * c["host_ms_per_fused_block"] / 1e3)
     if kind == "smoke":
         return c["smoke_gpu_s"]
     if kind == "profile":
@@ -287,7 +297,8 @@ def versions_text():
     smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if _has("nvidia-smi") else ""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return (f"{smi}\ntorch {torch.__version__} (CUDA {torch.version.cuda}), cuDNN {cudnn}, triton {triton.__version__}, "
+    return (f"{smi}\ntorch {torch.__version__} (CUDA {torch.version.cuda}), cuDNN {cudnn}, "
+            f"triton {triton.__version__}, "
             f"python {platform.python_version()}, GPU {gpu}, commit {os.environ.get('RESNEXT_GIT_SHA', 'unknown')}\n")
 
 

@@ -20,7 +20,7 @@ before the kernels exist.
 import os
 import sys
 
-__all__ = ["enable_interpreter", "interpreter_enabled", "auto_select_backend"]
+__all__ = ["enable_interpreter", "interpreter_enabled", "auto_select_backend", "clear_caches"]
 
 # any of these imported means Triton kernels are already decorated (kernels.common: every family's)
 _KERNEL_MODULES = ("kernels.grouped_conv_bn_relu", "kernels.bottleneck", "kernels.common")
@@ -65,3 +65,11 @@ def auto_select_backend(verbose: bool = True) -> str:
         print("no CUDA GPU found: running the Triton kernels on the CPU through Triton's interpreter "
               "(TRITON_INTERPRET=1; slow, for correctness and demos)")
     return "cpu"
+
+
+def clear_caches() -> None:
+    """Forget the packed weights and folded BatchNorms that inference reuses while the tensors keep
+    their version: needed only after writing to a weight or BatchNorm buffer through ``.data``, which
+    does not bump the version (``kernels.common.VersionedCache``)."""
+    if "kernels.common" in sys.modules:  # nothing is cached before the kernels exist
+        sys.modules["kernels.common"].clear_caches()

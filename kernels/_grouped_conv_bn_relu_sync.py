@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from .batchnorm import pointwise
 from .batchnorm.stats import local_stats
-from .common import TILES, on_device
-from .conv3x3 import backward, forward
-from .grouped_conv_bn_relu import _grad_strides, _output_strides, _with_strides
+from .common import on_device
+from .conv3x3 import forward
+from .conv3x3.compose import backward_pass
+from .layout import output_strides, with_strides
 
 
 def _gather_stats(count, mean, m2, group):
@@ -60,10 +61,10 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
         ho, wo = (forward.out_size(s, stride, padding) for s in x.shape[2:])
         local = n * ho * wo
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        w = weight.contiguous()
+        packed = forward.pack_for_forward(weight, groups, x.dtype)
         if local:
-            z, partials = forward.conv_forward(x_cl, w, groups, stride, padding, store=forward.STORE_Z,
-                                            compute_stats=True)
+            z, partials = forward.conv3x3_forward(x_cl, weight, groups, stride, padding, store=forward.STORE_Z,
+                                               compute_stats=True, packed=packed)
             mean_l, m2_l = local_stats(partials, local)
         else:  # an empty rank still takes part in the collectives
             z = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
@@ -82,39 +83,27 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
             running_mean.mul_(1 - momentum).add_(mean.float(), alpha=momentum)
             running_var.mul_(1 - momentum).add_((m2 / (total - 1)).float(), alpha=momentum)
         y = pointwise.bn_relu(z, stats[2], stats[3]) if local else torch.empty_like(z)
-        y = _with_strides(y, _output_strides(x, weight, y.shape))
-        ctx.save_for_backward(x, weight, z, stats)
-        ctx.conf = (stride, padding, groups, float(total), group)
+        y = with_strides(y, output_strides(x, weight, y.shape))
+        ctx.save_for_backward(x, weight, z, stats, packed[0])
+        ctx.conf = (stride, padding, groups, int(total), group)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        with on_device(dy):  # the autograd engine may run this on another thread
-            x, weight, z, stats = ctx.saved_tensors
-            stride, padding, groups, total, group = ctx.conf
-            need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-            mean, invstd, scale, shift = stats.unbind()
-            dy = dy.contiguous(memory_format=torch.channels_last).to(z.dtype)
-            if x.shape[0]:
-                sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
-            else:
-                sum_g = sum_gx = torch.zeros_like(mean)
+        x, weight, z, stats, packed = ctx.saved_tensors
+        stride, padding, groups, total, group = ctx.conf
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+
+        def all_reduce(sum_g, sum_gx):  # the global batch's sums: BatchNorm's backward needs them
             sums = torch.cat((sum_g, sum_gx))
             dist.all_reduce(sums, group=group)
-            coeffs = (scale, shift, *pointwise.bn_backward_coeffs(sums.chunk(2), scale, mean, invstd, total))
-            dx = dw = None
-            if x.shape[0]:
-                dz = pointwise.bn_relu_bwd(dy, z, coeffs) if TILES.materialize_dz and (need_x or need_w) else None
-                if need_x:
-                    dx = backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz)
-                    dx = _with_strides(dx, _grad_strides(x))
-                if need_w:
-                    dw = backward.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs,
-                                      groups, stride, padding, dz=dz)
-            else:
-                dx = x.new_empty_strided(x.shape, _grad_strides(x)) if need_x else None
-                dw = torch.zeros_like(weight) if need_w else None
-            return (dx, dw, sum_gx if need_gamma else None, sum_g if need_beta else None, *[None] * 8)
+            return sums.chunk(2)
+
+        with on_device(dy):  # the autograd engine may run this on another thread
+            dx, dw, dgamma, dbeta = backward_pass(dy, x, weight, z, stats, packed, stride, padding, groups, True,
+                                                  need_x, need_w, all_reduce=all_reduce, count=total)
+        return (dx if need_x else None, dw if need_w else None, dgamma if need_gamma else None,
+                dbeta if need_beta else None, *[None] * 8)
 
 
 @torch.compiler.disable

@@ -26,61 +26,104 @@ values than the eager block, more where block-diagonal packing multiplies them b
 kernels launch on the input's device (``kernels.common.on_device``), forward and backward.
 """
 
+import weakref
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn as nn
 
-from .batchnorm.pointwise import bn_backward_coeffs
-from .batchnorm.stats import bn_stats
+from .batchnorm.modules import bn_call_args
+from .batchnorm.stats import bn_fold, bn_grad, bn_stats
 from .batchnorm.tail import tail_backward, tail_forward
+from .common import DTYPES, VersionedCache, check_device, on_device
 from .conv1x1.backward import conv1x1_dgrad, conv1x1_wgrad
 from .conv1x1.forward import conv1x1_forward
-from .common import on_device
 from .conv3x3 import backward, forward
-from .grouped_conv_bn_relu import bn_call_args
+from .conv3x3.compose import FOLDED, PACKED
+
+_GAMMA_BETA = VersionedCache()  # BatchNorms without affine parameters: γ = 1, β = 0
+
+
+class BN(NamedTuple):
+    """One BatchNorm of the block as a call uses it (``bn_call_args``)."""
+
+    gamma: torch.Tensor  # (C,) float32 (ones without affine parameters)
+    beta: torch.Tensor
+    running_mean: Optional[torch.Tensor]  # None: not tracked
+    running_var: Optional[torch.Tensor]
+    tracked: Optional[torch.Tensor]  # num_batches_tracked for the statistics kernel to count, or None
+    eps: float
+    momentum: float
+    batch_stats: bool  # normalise with the batch's statistics (training), else the running ones
+
+
+class Fold(NamedTuple):
+    """(mean, invstd, scale, shift), float32 (C,) rows of one (4, C) tensor (``bn_stats``, ``bn_fold``)."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
 
 
 def _bn_args(bn, c, device):
-    """(γ, β, running_mean, running_var, eps, momentum, batch statistics?) of an nn.BatchNorm2d,
-    doing its bookkeeping (num_batches_tracked, momentum=None) as its forward does."""
-    momentum, use_batch, running_mean, running_var = bn_call_args(bn)
-    gamma = bn.weight if bn.weight is not None else torch.ones(c, device=device)
-    beta = bn.bias if bn.bias is not None else torch.zeros(c, device=device)
-    return gamma, beta, running_mean, running_var, bn.eps, momentum, use_batch
+    """The call's ``BN`` of an nn.BatchNorm2d, doing its bookkeeping as its forward does."""
+    momentum, use_batch, running_mean, running_var, tracked = bn_call_args(bn)
+    gamma, beta = bn.weight, bn.bias
+    if gamma is None or beta is None:
+        gamma, beta = _GAMMA_BETA.get((), (c, device), lambda: (torch.ones(c, device=device),
+                                                                torch.zeros(c, device=device)))
+    return BN(gamma, beta, running_mean, running_var, tracked, bn.eps, momentum, use_batch)
 
 
-def _fold(parts, count, bn):
-    """(mean, invstd, scale, shift) float32 of one BatchNorm: from the conv's chunk statistics when
-    it normalises with batch statistics (running statistics updated), else from its buffers."""
-    gamma, beta, rm, rv, eps, momentum, use_batch = bn
-    if use_batch:
-        return bn_stats(parts, count, gamma.detach(), beta.detach(), rm, rv, eps, momentum)
-    invstd = torch.rsqrt(rv + eps)
-    scale = gamma.detach() * invstd
-    return rm.clone(), invstd, scale, beta.detach() - rm * scale
+def _fold(parts, count, bn, cached):
+    """The ``Fold`` of one BatchNorm: from the conv's chunk statistics when it normalises with batch
+    statistics (running statistics and num_batches_tracked updated), else from its buffers (reused
+    while they are unchanged, when ``cached``)."""
+    gamma, beta = bn.gamma.detach(), bn.beta.detach()
+    if bn.batch_stats:
+        return Fold(*bn_stats(parts, count, gamma, beta, bn.running_mean, bn.running_var, bn.eps, bn.momentum,
+                              bn.tracked))
+    rm, rv = bn.running_mean, bn.running_var
+    if not cached:
+        return Fold(*bn_fold(gamma, beta, rm, rv, bn.eps))
+    return Fold(*FOLDED.get((bn.gamma, bn.beta, rm, rv), bn.eps, lambda: bn_fold(gamma, beta, rm, rv, bn.eps)))
+
+
+def _coeffs(fold, grads):
+    """The (scale, shift, k1, k0) the dgrad and wgrad kernels rebuild dz from."""
+    return fold.scale, fold.shift, grads[2], grads[3]
 
 
 class _FusedBottleneck(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd, bns, stride, groups):
+    def forward(ctx, x, w1, w2, w3, wd, g1, b1, g2, b2, g3, b3, gd, bd, bns, stride, groups, grad):
         bn1, bn2, bn3, bnd = bns
         x = x.contiguous(memory_format=torch.channels_last)
         n, _, h, w = x.shape
-        z1, p1 = conv1x1_forward(x, w1, 1, compute_stats=bn1[6])
-        f1 = _fold(p1, n * h * w, bn1)
-        z2, p2 = forward.conv_forward(z1, w2.contiguous(), groups, stride, 1, store=forward.STORE_Z,
-                                   compute_stats=bn2[6], in_scale=f1[2], in_shift=f1[3])
+        z1, p1 = conv1x1_forward(x, w1, 1, compute_stats=bn1.batch_stats, check=False)
+        f1 = _fold(p1, n * h * w, bn1, not grad)
+        if grad:  # weights change between training steps: packed afresh, kept for dgrad
+            packed = forward.pack_for_forward(w2, groups, x.dtype)
+        else:
+            packed = PACKED.get((w2,), (groups, x.dtype), lambda: forward.pack_for_forward(w2, groups, x.dtype))
+        z2, p2 = forward.conv3x3_forward(z1, w2, groups, stride, 1, store=forward.STORE_Z,
+                                         compute_stats=bn2.batch_stats, in_scale=f1.scale, in_shift=f1.shift,
+                                         packed=packed)
         count = n * z2.shape[2] * z2.shape[3]
-        f2 = _fold(p2, count, bn2)
-        z3, p3 = conv1x1_forward(z2, w3, 1, in_scale=f2[2], in_shift=f2[3], compute_stats=bn3[6])
-        f3 = _fold(p3, count, bn3)
+        f2 = _fold(p2, count, bn2, not grad)
+        z3, p3 = conv1x1_forward(z2, w3, 1, in_scale=f2.scale, in_shift=f2.shift, compute_stats=bn3.batch_stats,
+                                 check=False)
+        f3 = _fold(p3, count, bn3, not grad)
         zd = fd = None
         if wd is not None:
-            zd, pd = conv1x1_forward(x, wd, stride, compute_stats=bnd[6])
-            fd = _fold(pd, count, bnd)
-        y = tail_forward(z3, f3[2], f3[3], x if zd is None else zd, *(fd[2:] if fd else ()))
-        ctx.save_for_backward(x, w1, w2, w3, wd, z1, z2, z3, zd)
+            zd, pd = conv1x1_forward(x, wd, stride, compute_stats=bnd.batch_stats, check=False)
+            fd = _fold(pd, count, bnd, not grad)
+        y = tail_forward(z3, f3.scale, f3.shift, x if zd is None else zd, *((fd.scale, fd.shift) if fd else ()),
+                         check=False)
+        ctx.save_for_backward(x, w1, w2, w3, wd, z1, z2, z3, zd, packed[0])
         ctx.folds = (f1, f2, f3, fd)
-        ctx.training = tuple(bn[6] for bn in bns if bn is not None)
+        ctx.training = tuple(bn.batch_stats if bn is not None else None for bn in bns)
         ctx.conf = (stride, groups, count, n * h * w)
         return y
 
@@ -91,38 +134,47 @@ class _FusedBottleneck(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
-        x, w1, w2, w3, wd, z1, z2, z3, zd = ctx.saved_tensors
+        x, w1, w2, w3, wd, z1, z2, z3, zd, packed = ctx.saved_tensors
         f1, f2, f3, fd = ctx.folds
-        t1, t2, t3, *td = ctx.training
+        t1, t2, t3, td = ctx.training
         stride, groups, count, count1 = ctx.conf
         dy = dy.contiguous(memory_format=torch.channels_last).to(z3.dtype)
         proj = zd is not None
-        g, sums3, sums_d = tail_backward(dy, z3, f3[2], f3[3], f3[0], f3[1], zd if proj else x,
-                                         *((fd[2], fd[3], fd[0], fd[1]) if proj else ()))
-        # conv3: dz3 = s3·g + k1·z3 + k0 (g already carries the tail's ReLU mask)
-        c3 = (f3[2], f3[3], *bn_backward_coeffs(sums3, f3[2], f3[0], f3[1], count, t3))
-        dw3 = conv1x1_wgrad(z2, g, z3, c3, w3.shape, 1, mask=False, in_scale=f2[2], in_shift=f2[3])
+        g, part = tail_backward(dy, z3, f3.scale, f3.shift, f3.mean, f3.invstd, zd if proj else x,
+                                *((fd.scale, fd.shift, fd.mean, fd.invstd) if proj else ()), check=False)
+        # BN3: Σg, Σg·x̂3 and dz3 = s3·g + k1·z3 + k0 (g already carries the tail's ReLU mask)
+        d3 = bn_grad(part[:, 0], part[:, 1], f3.scale, f3.mean, f3.invstd, count, t3)
+        c3 = _coeffs(f3, d3)
+        dw3 = conv1x1_wgrad(z2, g, z3, c3, w3.shape, 1, mask=False, in_scale=f2.scale, in_shift=f2.shift,
+                            check=False)
         # conv3's dgrad: g2 = d relu(bn2(z2)) with BN2's ReLU mask, and BN2's sums, in its epilogue
-        g2, s2 = conv1x1_dgrad(g, z3, w3, c3, z2.shape, 1, mask=False, relu_bn=(z2, *f2[2:], *f2[:2]))
-        # conv2 (grouped 3x3): dz2 rebuilt from (g2, z2); its dgrad gives g1 and BN1's sums likewise
-        c2 = (f2[2], f2[3], *bn_backward_coeffs(s2, f2[2], f2[0], f2[1], count, t2))
-        dw2 = backward.conv_dw(z1, g2, z2, w2, c2, groups, stride, 1, in_scale=f1[2], in_shift=f1[3])
-        g1, s1 = backward.conv_dx(g2, z2, w2, c2, z1.shape, groups, stride, 1, relu_bn=(z1, *f1[2:], *f1[:2]))
-        c1 = (f1[2], f1[3], *bn_backward_coeffs(s1, f1[2], f1[0], f1[1], count1, t1))
-        dw1 = conv1x1_wgrad(x, g1, z1, c1, w1.shape, 1, mask=False)
+        g2, s2 = conv1x1_dgrad(g, z3, w3, c3, z2.shape, 1, mask=False,
+                               relu_bn=(z2, f2.scale, f2.shift, f2.mean, f2.invstd), check=False)
+        d2 = bn_grad(*s2, f2.scale, f2.mean, f2.invstd, count, t2)
+        c2 = _coeffs(f2, d2)
+        # conv2 (grouped 3x3): dz2 rebuilt from (g2, z2); its dgrad, reading the forward's packed weight
+        # transposed, gives g1 and BN1's sums likewise
+        dw2 = backward.conv3x3_wgrad(z1, g2, z2, w2, c2, groups, stride, 1, in_scale=f1.scale, in_shift=f1.shift)
+        g1, s1 = backward.conv3x3_dgrad(g2, z2, w2, c2, z1.shape, groups, stride, 1,
+                                  relu_bn=(z1, f1.scale, f1.shift, f1.mean, f1.invstd),
+                                  packed=(packed, packed.shape[1]))
+        d1 = bn_grad(*s1, f1.scale, f1.mean, f1.invstd, count1, t1)
+        c1 = _coeffs(f1, d1)
+        dw1 = conv1x1_wgrad(x, g1, z1, c1, w1.shape, 1, mask=False, check=False)
         dwd = dgd = dbd = None
         if proj:
-            cd = (fd[2], fd[3], *bn_backward_coeffs(sums_d, fd[2], fd[0], fd[1], count, td[0]))
-            dwd = conv1x1_wgrad(x, g, zd, cd, wd.shape, stride, mask=False)
-            shortcut = conv1x1_dgrad(g, zd, wd, cd, x.shape, stride, mask=False)
-            dgd, dbd = sums_d[1], sums_d[0]
+            dd = bn_grad(part[:, 0], part[:, 2], fd.scale, fd.mean, fd.invstd, count, td)
+            cd = _coeffs(fd, dd)
+            dwd = conv1x1_wgrad(x, g, zd, cd, wd.shape, stride, mask=False, check=False)
+            shortcut = conv1x1_dgrad(g, zd, wd, cd, x.shape, stride, mask=False, check=False)
+            dgd, dbd = dd[1], dd[0]
         else:
             shortcut = g
         # conv1's dgrad adds the shortcut's gradient in its epilogue
-        dx = conv1x1_dgrad(g1, z1, w1, c1, x.shape, 1, mask=False, residual=shortcut)
+        dx = conv1x1_dgrad(g1, z1, w1, c1, x.shape, 1, mask=False, residual=shortcut, check=False)
         # dγ = Σ g·x̂, dβ = Σ g per BatchNorm
-        return (dx, dw1, dw2, dw3, dwd, s1[1], s1[0], s2[1], s2[0], sums3[1], sums3[0], dgd, dbd,
-                None, None, None)
+        return (dx, dw1, dw2, dw3, dwd, d1[1], d1[0], d2[1], d2[0], d3[1], d3[0], dgd, dbd,
+                None, None, None, None)
 
 
 def _conv_problem(name, conv, kernel, stride, groups=1):
@@ -191,13 +243,28 @@ def unfusable_reason(block):
                 if (down[0].in_channels, down[0].out_channels) != (c1.in_channels, c3.out_channels) else None))
 
 
+_CHECKED = weakref.WeakKeyDictionary()  # block -> (its submodules, unfusable_reason of them)
+
+
+def _unfusable_reason_cached(block):
+    """``unfusable_reason(block)``, asked again only when one of its submodules was replaced (e.g. by
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``): ~20 µs of host time per call otherwise."""
+    parts = tuple(getattr(block, name, None) for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample"))
+    parts += tuple(parts[-1]) if isinstance(parts[-1], nn.Sequential) else ()
+    seen = _CHECKED.get(block)
+    if seen is None or len(seen[0]) != len(parts) or any(a is not b for a, b in zip(seen[0], parts)):
+        seen = _CHECKED[block] = (parts, unfusable_reason(block))
+    return seen[1]
+
+
 def fused_bottleneck(x, block):
     """``block(x)`` for a ResNeXt bottleneck (``resnext.Bottleneck``, ``FusedBottleneck``, or any module
     with conv1/bn1, conv2/bn2 grouped 3x3, conv3/bn3 and downsample = None or Sequential(conv 1x1 with
     the stride, BatchNorm2d)), through the Triton kernels, with the block's own parameters and buffers
     and nn.BatchNorm2d's semantics in training and eval mode. A block it cannot compute exactly is a
-    ValueError saying why (``unfusable_reason``)."""
-    why = unfusable_reason(block)
+    ValueError saying why (``unfusable_reason``). The inputs are checked here, once: the kernels'
+    launchers below run unchecked."""
+    why = _unfusable_reason_cached(block)
     if why is not None:
         raise ValueError(f"fused_bottleneck: {why}")
     mods = [block.conv1, block.conv2, block.conv3]
@@ -209,15 +276,24 @@ def fused_bottleneck(x, block):
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != block.conv1.in_channels:
         got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D (N, C={block.conv1.in_channels}, H, W) tensor, got {got}")
+    check_device("x", x)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, m in zip(("conv1", "conv2", "conv3", "downsample[0]"), mods):
+        if m.weight.device != x.device:
+            raise ValueError(f"{name}.weight is on {m.weight.device} but x is on {x.device}")
     weights = [m.weight.to(x.dtype) for m in mods] + ([None] if down is None else [])
     args = [_bn_args(bn, bn.num_features, x.device) for bn in bns] + ([None] if down is None else [])
     affine = []
     for a in args:
-        affine += [None, None] if a is None else [a[0], a[1]]
+        affine += [None, None] if a is None else [a.gamma, a.beta]
+    # whether a gradient will be asked for: the inference path reuses packed weights and folded BatchNorms
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *affine))
     with on_device(x):
-        return _FusedBottleneck.apply(x, *weights, *affine, tuple(args), block.conv2.stride[0], block.conv2.groups)
+        return _FusedBottleneck.apply(x, *weights, *affine, tuple(args), block.conv2.stride[0], block.conv2.groups,
+                                      grad)
 
 
 class FusedBottleneck(nn.Module):

@@ -9,6 +9,8 @@ the bottleneck), ``kernels/batchnorm`` (statistics, reductions and pointwise ker
 
 import contextlib
 import dataclasses
+import weakref
+from collections import OrderedDict
 
 import torch
 import triton
@@ -28,6 +30,17 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Whether the launchers take CPU tensors: under the interpreter only (the compile report, which
 # runs the launchers on CPU stand-ins for a GPU it compiles for, switches it on for itself).
 CPU_TENSORS_OK = INTERPRET
+
+def cdiv(a, b):
+    """⌈a / b⌉ for host-side sizes (``triton.cdiv`` is a constexpr function: slow on the host, 3.9)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (>= 1), for host-side tile sizes (``triton.next_power_of_2`` is
+    a constexpr function, ~4 µs a call on the host under triton 3.9)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
 
 # Smallest tl.dot extent the GPU compiler accepts for 16-bit operands (the interpreter accepts
 # anything, which is why every tile below is clamped to it explicitly).
@@ -78,7 +91,51 @@ def gpu_tiles():
 
 def pointwise_tiles(c):
     """(BLOCK_M, BLOCK_C) of the pointwise and reduction kernels over (pixels, C) tensors."""
-    return TILES.pointwise_block_m, min(64, triton.next_power_of_2(c))
+    return TILES.pointwise_block_m, min(64, next_power_of_2(c))
+
+
+class VersionedCache:
+    """Values computed from tensors, reused while every one of them is the same object at the same
+    version (``Tensor._version``, which in-place ops and optimizers bump), e.g. packed weights and
+    folded BatchNorms in inference. At most ``size`` entries, least recently used dropped first.
+
+    Limitation: writes through ``.data`` (``param.data.copy_(...)``) do not bump the version; after
+    such a write call ``kernels.clear_caches()``.
+    """
+
+    caches = weakref.WeakSet()
+
+    def __init__(self, size=256):
+        self.size, self.entries = size, OrderedDict()
+        VersionedCache.caches.add(self)
+
+    def get(self, tensors, extra, compute):
+        """``compute()``, or what it returned for the same ``tensors`` (a tuple; None entries allowed)
+        at the same versions and the same hashable ``extra``."""
+        key = (tuple(id(t) for t in tensors), extra)
+        entry = self.entries.get(key)
+        versions = tuple(None if t is None else t._version for t in tensors)
+        if entry is not None:
+            refs, seen, value = entry
+            if seen == versions and all((r is None and t is None) or (r is not None and r() is t)
+                                        for r, t in zip(refs, tensors)):
+                self.entries.move_to_end(key)
+                return value
+        value = compute()
+        self.entries[key] = (tuple(None if t is None else weakref.ref(t) for t in tensors), versions, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self):
+        self.entries.clear()
+
+
+def clear_caches():
+    """Forget every packed weight and folded BatchNorm kept for reuse (``VersionedCache``)."""
+    for cache in list(VersionedCache.caches):
+        cache.clear()
 
 
 def check_device(name, t):
@@ -131,15 +188,15 @@ def dot_options(dtype):
 
 def shape_bucket(n):
     """Bucket the batch size for autotune keys: bounded recompiles and re-tunes across batch sizes."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def reduction_splits(m, device):
     """How many pixel ranges the reductions split into: a fixed function of the problem and
     the device, so results are bit-identical from run to run."""
     if not TILES.gpu_configs:
-        return max(1, min(4, triton.cdiv(m, 16384)))
-    return max(1, min(2 * multiprocessors(device), triton.cdiv(m, 2048)))
+        return max(1, min(4, cdiv(m, 16384)))
+    return max(1, min(2 * multiprocessors(device), cdiv(m, 2048)))
 
 
 def multiprocessors(device):
@@ -148,6 +205,43 @@ def multiprocessors(device):
     if device.type != "cuda":
         return STAND_IN_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+SUM_ROWS_BLOCK_S, SUM_ROWS_BLOCK_N = 16, 256
+
+
+@triton.jit
+def _sum_rows_kernel(
+    part_ptr,  # (S, N) float32 partials
+    out_ptr,  # (N,) the output dtype
+    S, N,
+    # meta-parameters
+    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: BLOCK_N columns, every row in order, BLOCK_S rows at a time (each block by
+    # tl.sum's fixed tree): the same bits from run to run, whatever produced the partials.
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s_start in range(0, S, BLOCK_S):
+        offs_s = s_start + tl.arange(0, BLOCK_S)
+        valid = (offs_s < S)[:, None] & mask_n[None, :]
+        acc += tl.sum(tl.load(part_ptr + offs_s.to(tl.int64)[:, None] * N + offs_n[None, :], mask=valid, other=0.0),
+                      axis=0)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def sum_rows(parts, dtype):
+    """``parts`` (S, ...) float32 summed over S in a fixed order, in ``dtype``: one launch, or none
+    (a view) when there is one row and ``dtype`` is float32."""
+    if parts.shape[0] == 1 and dtype == torch.float32:
+        return parts[0]
+    out = torch.empty(parts.shape[1:], device=parts.device, dtype=dtype)
+    n = out.numel()
+    if n:
+        _sum_rows_kernel[(cdiv(n, SUM_ROWS_BLOCK_N),)](parts, out, parts.shape[0], n,
+                                                             BLOCK_S=SUM_ROWS_BLOCK_S, BLOCK_N=SUM_ROWS_BLOCK_N)
+    return out
 
 
 @triton.jit

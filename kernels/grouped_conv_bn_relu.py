@@ -7,14 +7,16 @@ Computes exactly::
 
 * Inference (``training=False``, no grad needed): BatchNorm folds into a per-channel
   scale = γ/√(var + eps) and shift = β − mean·scale, applied with the ReLU in the conv kernel's
-  epilogue: x is read once and y written once.
-* Training: the conv kernel writes z = conv(x) and float32 per-tile (mean, M2) partials; a small
-  kernel merges them, updates the running statistics (unbiased variance, like nn.BatchNorm2d)
-  and folds the batch statistics into scale/shift; a pointwise pass writes y = relu(z·scale + shift).
-  Under ``torch.no_grad`` z is not stored: the statistics pass writes nothing and a second conv
-  pass applies BN + ReLU in its epilogue.
-* Backward (training or frozen BN): see ``kernels/conv3x3/backward.py``. Saved: x, weight, z and four
-  per-channel vectors. No PyTorch convolution is called anywhere.
+  epilogue: x is read once and y written once, in one launch (the packed weight and the fold are
+  reused while the weight and BatchNorm tensors are unchanged).
+* Training: the conv kernel writes z = conv(x) and float32 per-chunk (mean, M2) statistics; a small
+  kernel merges them, updates the running statistics (unbiased variance, like nn.BatchNorm2d) and
+  ``num_batches_tracked`` and folds the batch statistics into scale/shift; a pointwise pass writes
+  y = relu(z·scale + shift). Under ``torch.no_grad`` z is not stored: the statistics pass writes
+  nothing and a second conv pass applies BN + ReLU in its epilogue.
+* Backward (training or frozen BN): see ``kernels/conv3x3/backward.py``. Saved: x, weight, z, the
+  (4, C_out) statistics and the packed weight, which dgrad reads transposed. No PyTorch convolution
+  is called anywhere, and no per-channel arithmetic runs in PyTorch (``kernels/conv3x3/compose.py``).
 
 Layout: the kernels work on channels-last (NHWC) tensors, an implicit GEMM per filter tap with
 several groups packed block-diagonally per tile (``kernels/conv3x3/tiles.py``). NCHW inputs are
@@ -26,8 +28,10 @@ Limitations:
   follows). Other filters raise ValueError rather than falling back to PyTorch.
 * At least one input and one output channel, and an output of at least 1x1 (ValueError otherwise;
   an empty batch, N = 0, is computed).
-* float32, float16, bfloat16 activations (float32 accumulation); BatchNorm tensors float32.
-  float32 convolutions use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` says cuDNN would.
+* float32, float16, bfloat16 activations (float32 accumulation); BatchNorm tensors float32. The
+  weight is x's dtype, or float32 (autocast's master weights: packed in x's dtype, its gradient
+  float32). float32 convolutions use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` says
+  cuDNN would.
 * CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` set before
   this module is imported; see ``kernels.enable_interpreter``). The interpreter is slow and its
   bfloat16 ``tl.dot`` is wrong, so bfloat16 dots are widened to float32 there.
@@ -36,31 +40,37 @@ Limitations:
   multiplies the other groups of a channel tile by exact zeros, and NaN·0 = inf·0 = NaN: a NaN or
   inf input turns those groups' outputs at the same pixels NaN too (in training, their whole
   channels, through the batch statistics), where PyTorch's stay finite.
+* Inference reuses the packed weight and folded BatchNorm while the tensors keep their version
+  (``Tensor._version``); writes through ``.data`` do not bump it: call ``kernels.clear_caches()``.
 
-The registered ops (``torch.library``), which ``torch.compile``, ``torch.export`` and CUDA graphs see:
+Eager calls run the launchers through one ``torch.autograd.Function`` (``_GroupedConvBNReLU``),
+after one round of checks. What ``torch.compile``, ``torch.export`` and other tracers see is the
+registered op (``torch.library``):
 
 * ``torch.ops.resnext_fused.grouped_conv_bn_relu``, the public op, which ``grouped_conv_bn_relu``
-  calls after its checks and autocast casts, with that function's arguments by the same names::
+  calls when traced, with that function's arguments by the same names::
 
       grouped_conv_bn_relu(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias,
           Tensor(a!)? running_mean, Tensor(b!)? running_var, *, int stride=1, int padding=1,
-          int groups=1, float eps=1e-05, float momentum=0.1, bool training=False) -> Tensor
+          int groups=1, float eps=1e-05, float momentum=0.1, bool training=False,
+          Tensor(c!)? num_batches_tracked=None) -> Tensor
 
-  ``(a!)``/``(b!)``: the running statistics are updated in place (when training). Its kernels: the
-  computation (CompositeExplicitAutograd), a fake one (shapes and conv2d's strides, for tracing)
-  and an Autograd one. That one runs the op as it is when no gradient will be asked for (inference,
-  ``torch.no_grad``: z is never stored), else an autograd.Function over two internal ops:
+  ``(a!)``, ``(b!)``, ``(c!)``: the running statistics and the batch count are updated in place
+  (when training). Its kernels: the computation (CompositeExplicitAutograd), a fake one (shapes and
+  conv2d's strides, for tracing) and an Autograd one. That one runs the op as it is when no gradient
+  will be asked for (inference, ``torch.no_grad``: z is never stored), else the same
+  autograd.Function over two internal ops:
 * ``resnext_fused::_grouped_conv_bn_relu_fwd`` (the same arguments, all positional) →
-  ``(y, z, stats)``: also what the backward reads, z = conv(x) and the (4, C_out) float32 rows
-  mean, invstd, scale, shift (one tensor: a custom op's outputs may not alias each other);
-* ``resnext_fused::_grouped_conv_bn_relu_bwd(dy, x, weight, z, stats, ...)`` → (dx, dweight, dγ, dβ).
+  ``(y, z, stats, packed)``: also what the backward reads, z = conv(x), the (4, C_out) float32
+  rows mean, invstd, scale, shift, and the packed weight (a custom op's outputs may not alias);
+* ``resnext_fused::_grouped_conv_bn_relu_bwd(dy, x, weight, z, stats, packed, ...)`` → (dx, dweight, dγ, dβ).
 
 Why not one ``custom_op`` with ``register_autograd``: that refuses an op that mutates its inputs,
 and its ``setup_context`` may save only inputs and outputs, so z and the statistics have to be the
 outputs of some op that users of the public op never see. Hence a public op defined with
 ``torch.library.Library`` whose Autograd kernel (the same pattern ``custom_op`` registers for its
 own ops) applies an autograd.Function over two ``custom_op``s. Not ``triton_op``: the launchers
-run host-side logic (autotuning, tile choice, weight packing) that Inductor cannot trace, and the
+run host-side logic (config choice, tile choice, weight packing) that Inductor cannot trace, and the
 op is opaque by design. Under ``torch.compile`` it is one node of the graph (no graph break) and
 Inductor compiles everything around it; ``torch.export`` of an eval-mode model keeps it as one
 node. Every op checks its inputs (the real and the fake implementations) and needs exact input
@@ -68,19 +78,22 @@ strides (``needs_exact_strides``): the layouts it returns follow the layouts it 
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .batchnorm import pointwise
-from .batchnorm.stats import bn_stats
-from .common import DTYPES, TILES, check_device, on_device
-from .conv3x3 import backward, forward
+from .batchnorm.modules import bn_call_args, sync_group
+from .common import DTYPES, check_device, describe, on_device
+from .conv3x3.compose import backward_pass, forward_pass, new_output, new_saved
+from .layout import grad_strides
 
 __all__ = ["grouped_conv_bn_relu", "grouped_conv_bn_relu_modules", "GroupedConvBNReLU"]
 
 
-def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum, training, single_value_ok=False):
+def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum, training, single_value_ok=False,
+                  weight_float32_ok=True):
     """Raise ValueError/TypeError naming the argument for anything the kernels do not compute."""
+    bn_tensors = dict(bn_tensors)
+    tracked = bn_tensors.pop("num_batches_tracked", None)
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("x and weight must be torch.Tensor")
     if x.dim() != 4:
@@ -89,7 +102,7 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
         raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if weight.dtype != x.dtype:
+    if weight.dtype != x.dtype and not (weight_float32_ok and weight.dtype == torch.float32):
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be a 3x3 filter, got kernel size {tuple(weight.shape[2:])}")
@@ -142,154 +155,59 @@ def _check_inputs(x, weight, bn_tensors, stride, padding, groups, eps, momentum,
                          f"{x.shape[0]}x{h_out}x{w_out} for x of shape {tuple(x.shape)}")
     if (bn_tensors["running_mean"] is None) != (bn_tensors["running_var"] is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if tracked is not None and not (isinstance(tracked, torch.Tensor) and tracked.numel() == 1
+                                    and tracked.dtype == torch.long and tracked.device == x.device):
+        raise ValueError(f"num_batches_tracked must be a one-element int64 tensor on x's device ({x.device}), "
+                         f"got {describe(tracked)}" + (f" {tracked.dtype} on {tracked.device}"
+                                                       if isinstance(tracked, torch.Tensor) else ""))
 
 
-def suggest_memory_format(t):
-    """``t.suggest_memory_format()`` of a 4-D tensor, as PyTorch computes it from the exact strides.
-
-    conv2d picks its output layout with this rule (channels_last when the input or the weight
-    suggests it; c10's ``is_channels_last_strides_2d``). ``t.is_contiguous(memory_format=...)`` is
-    no substitute: a tensor with one channel, or 1x1 pixels, is "contiguous" in both formats.
-    """
-    size, stride = t.shape, t.stride()
-    if stride[1] == 0:
-        return torch.contiguous_format
-    least = 0
-    for d in (1, 3, 2, 0):  # channels innermost, then W, H, N
-        if size[d] == 0 or stride[d] < least:
-            return torch.contiguous_format
-        if d == 0 and least == stride[1]:  # N111-like: ambiguous, PyTorch defaults to NCHW
-            return torch.contiguous_format
-        least = stride[d] * size[d]
-    return torch.channels_last
+def _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked=None):
+    return {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var,
+            "num_batches_tracked": num_batches_tracked}
 
 
-def _standard_strides(shape, memory_format):
-    n, c, h, w = shape
-    if memory_format == torch.channels_last:
-        return (h * w * c, 1, w * c, c)
-    return (c * h * w, h * w, w, 1)
-
-
-def _is_dense(t):
-    """Non-overlapping and dense: some permutation of ``t``'s dims is contiguous."""
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
-def _with_strides(t, strides):
-    """``t`` laid out with exactly ``strides``: a free restride when the memory order is already
-    that one (dims of size 1 differ only in name), else a copy."""
-    if t.stride() == tuple(strides):
-        return t
-    if all(a == b for a, b, sz in zip(t.stride(), strides, t.shape) if sz != 1):
-        return t.as_strided(t.shape, strides)
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
-
-
-def _output_strides(x, weight, shape):
-    """conv2d's output layout: channels_last when x or the weight suggests it, else NCHW."""
-    cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight))
-    return _standard_strides(shape, torch.channels_last if cl else torch.contiguous_format)
-
-
-def _grad_strides(x):
-    """dx gets the layout x had (its exact strides when x is dense, else its suggested format)."""
-    return x.stride() if _is_dense(x) else _standard_strides(x.shape, suggest_memory_format(x))
+def _bump_versions(training, *tensors):
+    """The kernels write the running statistics through pointers: bump their autograd versions, as an
+    in-place op (or the ADInplaceOrView kernel ``custom_op`` registers) does."""
+    if training:
+        torch.autograd.graph.increment_version([t for t in tensors if t is not None and not t.is_inference()])
 
 
 # ---------------------------------------------------------------------------------------------
-# What the ops compute: the launchers, in order (real tensors only)
+# autograd: one Function, over the launchers (eager) or over the internal ops (traced)
 
 
-def _new_output(x, weight, stride, padding):
-    """An uninitialised y: (N, C_out, H_out, W_out) in x's dtype and conv2d's layout."""
-    ho, wo = (forward.out_size(size, stride, padding) for size in x.shape[2:])
-    shape = (x.shape[0], weight.shape[0], ho, wo)
-    return torch.empty_strided(shape, _output_strides(x, weight, shape), dtype=x.dtype, device=x.device)
+class _GroupedConvBNReLU(torch.autograd.Function):
+    """The op's autograd: the forward saves z, the statistics and the packed weight, the backward reads
+    them. ``traced``: through the internal ``torch.library`` ops, which tracers see."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding,
+                groups, eps, momentum, training, traced):
+        args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding, groups,
+                eps, momentum, training)
+        if traced:
+            y, z, stats, packed = _fwd_op(*args)
+        else:
+            y, z, stats, packed = forward_pass(*args, save=True)
+            _bump_versions(training, running_mean, running_var, num_batches_tracked)
+        ctx.save_for_backward(x, weight, z, stats, packed)
+        ctx.conf = (stride, padding, groups, training)
+        ctx.traced = traced
+        return y
 
-def _new_saved(y):
-    """Uninitialised tensors for what the backward reads: z (y's shape, channels-last) and the
-    (4, C_out) float32 rows mean, invstd, scale, shift."""
-    z = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
-    return z, torch.empty((4, y.shape[1]), dtype=torch.float32, device=y.device)
-
-
-def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
-             momentum, training, save):
-    """(y, z, stats): y, and when ``save`` what the backward reads (else None, None). Updates the
-    running statistics in place when ``training`` and they are given."""
-    _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
-                                  running_var=running_var), stride, padding, groups, eps, momentum, training)
-    n, c_out = x.shape[0], weight.shape[0]
-    ho, wo = (forward.out_size(size, stride, padding) for size in x.shape[2:])
-    y_strides = _output_strides(x, weight, (n, c_out, ho, wo))
-    if n == 0:  # an empty batch: an empty output and zero gradients, as in PyTorch
-        y = _new_output(x, weight, stride, padding)
-        z, stats = _new_saved(y) if save else (None, None)
-        return y, z, stats if stats is None else stats.zero_()
-    if bn_weight is None:
-        bn_weight = torch.ones(c_out, device=x.device, dtype=torch.float32)
-    if bn_bias is None:
-        bn_bias = torch.zeros(c_out, device=x.device, dtype=torch.float32)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    w = weight.contiguous()
-    z = None
-    if training:
-        store = forward.STORE_Z if save else forward.STORE_NOTHING
-        z, partials = forward.conv_forward(x_cl, w, groups, stride, padding, store=store, compute_stats=True)
-        mean, invstd, scale, shift = bn_stats(partials, n * ho * wo, bn_weight, bn_bias, running_mean,
-                                                   running_var, eps, momentum)
-    else:
-        # frozen statistics: fold them (a handful of per-channel float32 ops)
-        mean = running_mean
-        invstd = torch.rsqrt(running_var + eps)
-        scale = bn_weight * invstd
-        shift = bn_bias - mean * scale
-    if not save:
-        y, _ = forward.conv_forward(x_cl, w, groups, stride, padding, store=forward.STORE_BN_RELU,
-                                 scale=scale, shift=shift)
-        return _with_strides(y, y_strides), None, None
-    if z is None:
-        z, _ = forward.conv_forward(x_cl, w, groups, stride, padding, store=forward.STORE_Z)
-    y = pointwise.bn_relu(z, scale, shift)
-    # one tensor, not four: a custom op's outputs may not alias each other (nor its inputs)
-    return _with_strides(y, y_strides), z, torch.stack((mean, invstd, scale, shift))
-
-
-def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_w):
-    """(dx, dweight, dγ, dβ); dx and dweight are empty (0,) tensors unless asked for."""
-    c_out = weight.shape[0]
-    dx_strides = _grad_strides(x)
-    dx, dw = x.new_empty(0), x.new_empty(0)  # distinct: a custom op's outputs may not alias
-    if x.shape[0] == 0:  # every gradient is a sum over no pixels
-        if need_x:
-            dx = torch.empty_strided(x.shape, dx_strides, dtype=x.dtype, device=x.device)
-        if need_w:
-            dw = weight.new_zeros(weight.shape)
-        return dx, dw, stats.new_zeros(c_out), stats.new_zeros(c_out)
-    mean, invstd, scale, shift = stats.unbind()
-    dy = dy.contiguous(memory_format=torch.channels_last)
-    if dy.dtype != z.dtype:
-        dy = dy.to(z.dtype)
-    sum_g, sum_gx = pointwise.bn_bwd_reduce(dy, z, scale, shift, mean, invstd)
-    count = z.shape[0] * z.shape[2] * z.shape[3]
-    coeffs = (scale, shift, *pointwise.bn_backward_coeffs((sum_g, sum_gx), scale, mean, invstd, count, training))
-    dz = pointwise.bn_relu_bwd(dy, z, coeffs) if TILES.materialize_dz and (need_x or need_w) else None
-    if need_x:
-        dx = _with_strides(backward.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz),
-                           dx_strides)
-    if need_w:
-        dw = backward.conv_dw(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs, groups,
-                          stride, padding, dz=dz)
-    # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
-    return dx, dw, sum_gx, sum_g
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z, stats, packed = ctx.saved_tensors
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        if ctx.traced:
+            dx, dw, dgamma, dbeta = _bwd_op(dy, x, weight, z, stats, packed, *ctx.conf, need_x, need_w)
+        else:
+            with on_device(dy):  # the autograd engine may run this on another thread
+                dx, dw, dgamma, dbeta = backward_pass(dy, x, weight, z, stats, packed, *ctx.conf, need_x, need_w)
+        return (dx if need_x else None, dw if need_w else None, dgamma if need_gamma else None,
+                dbeta if need_beta else None, *[None] * 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,104 +215,88 @@ def _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x
 
 
 @torch.library.custom_op(
-    "resnext_fused::_grouped_conv_bn_relu_fwd", mutates_args=("running_mean", "running_var"),
+    "resnext_fused::_grouped_conv_bn_relu_fwd", mutates_args=("running_mean", "running_var", "num_batches_tracked"),
     schema="(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
-           "Tensor(b!)? running_var, int stride, int padding, int groups, float eps, float momentum, "
-           "bool training) -> (Tensor, Tensor, Tensor)",
+           "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int stride, int padding, int groups, "
+           "float eps, float momentum, bool training) -> (Tensor, Tensor, Tensor, Tensor)",
     tags=(torch.Tag.needs_exact_strides,))
-def _fwd_op(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
-            momentum, training):
-    """(y, z, stats) for the backward; called by the public op's autograd kernel."""
+def _fwd_op(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding, groups,
+            eps, momentum, training):
+    """(y, z, stats, packed) for the backward; called by the public op's autograd kernel."""
+    _check_inputs(x, weight, _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked), stride,
+                  padding, groups, eps, momentum, training)
     with on_device(x):
-        return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups,
-                        eps, momentum, training, save=True)
+        return forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
+                            padding, groups, eps, momentum, training, save=True)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
-              momentum, training):
-    _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
-                                  running_var=running_var), stride, padding, groups, eps, momentum, training)
-    y = _new_output(x, weight, stride, padding)
-    return (y, *_new_saved(y))
+def _fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding, groups,
+              eps, momentum, training):
+    _check_inputs(x, weight, _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked), stride,
+                  padding, groups, eps, momentum, training)
+    y = new_output(x, weight, stride, padding)
+    return (y, *new_saved(x, weight, groups, y))
 
 
 @torch.library.custom_op(
     "resnext_fused::_grouped_conv_bn_relu_bwd", mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor weight, Tensor z, Tensor stats, int stride, int padding, "
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor z, Tensor stats, Tensor packed, int stride, int padding, "
            "int groups, bool training, bool need_x, bool need_weight) -> (Tensor, Tensor, Tensor, Tensor)",
     tags=(torch.Tag.needs_exact_strides,))
-def _bwd_op(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight):
+def _bwd_op(dy, x, weight, z, stats, packed, stride, padding, groups, training, need_x, need_weight):
     """(dx, dweight, dγ, dβ); no autograd formula of its own, so double backward raises."""
     with on_device(dy):
-        return _backward(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight)
+        return backward_pass(dy, x, weight, z, stats, packed, stride, padding, groups, training, need_x, need_weight)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x, weight, z, stats, stride, padding, groups, training, need_x, need_weight):
-    dx = x.new_empty_strided(x.shape, _grad_strides(x)) if need_x else x.new_empty(0)
+def _bwd_fake(dy, x, weight, z, stats, packed, stride, padding, groups, training, need_x, need_weight):
+    dx = x.new_empty_strided(x.shape, grad_strides(x)) if need_x else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_weight else x.new_empty(0)
     return dx, dw, stats.new_empty(weight.shape[0]), stats.new_empty(weight.shape[0])
-
-
-class _GroupedConvBNReLU(torch.autograd.Function):
-    """The public op's autograd: the forward op saves z and the statistics, the backward op reads them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps,
-                momentum, training):
-        y, z, stats = _fwd_op(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                              groups, eps, momentum, training)
-        ctx.save_for_backward(x, weight, z, stats)
-        ctx.conf = (stride, padding, groups, training)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, z, stats = ctx.saved_tensors
-        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        dx, dw, dgamma, dbeta = _bwd_op(dy, x, weight, z, stats, *ctx.conf, need_x, need_w)
-        return (dx if need_x else None, dw if need_w else None, dgamma if need_gamma else None,
-                dbeta if need_beta else None, *[None] * 8)
 
 
 _LIB = torch.library.Library("resnext_fused", "FRAGMENT")  # noqa: TOR901  (see the module docstring)
 _LIB.define(
     "grouped_conv_bn_relu(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
     "Tensor(a!)? running_mean, Tensor(b!)? running_var, *, int stride=1, int padding=1, int groups=1, "
-    "float eps=1e-05, float momentum=0.1, bool training=False) -> Tensor",
+    "float eps=1e-05, float momentum=0.1, bool training=False, Tensor(c!)? num_batches_tracked=None) -> Tensor",
     tags=(torch.Tag.pt2_compliant_tag, torch.Tag.needs_exact_strides))
 _OP = torch.ops.resnext_fused.grouped_conv_bn_relu.default
 
 
 def _op_impl(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, groups=1,
-             eps=1e-5, momentum=0.1, training=False):
-    if training and running_mean is not None:
-        # the kernels write the running statistics through pointers: bump their autograd versions,
-        # as the ADInplaceOrView kernel custom_op registers for _fwd_op does
-        torch.autograd.graph.increment_version([t for t in (running_mean, running_var) if not t.is_inference()])
+             eps=1e-5, momentum=0.1, training=False, num_batches_tracked=None):
+    _check_inputs(x, weight, _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked), stride,
+                  padding, groups, eps, momentum, training)
+    _bump_versions(training, running_mean, running_var, num_batches_tracked)
     with on_device(x):
-        return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups,
-                        eps, momentum, training, save=False)[0]
+        return forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
+                            padding, groups, eps, momentum, training, save=False)[0]
 
 
 def _op_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, groups=1,
-             eps=1e-5, momentum=0.1, training=False):
-    _check_inputs(x, weight, dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
-                                  running_var=running_var), stride, padding, groups, eps, momentum, training)
-    return _new_output(x, weight, stride, padding)
+             eps=1e-5, momentum=0.1, training=False, num_batches_tracked=None):
+    _check_inputs(x, weight, _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked), stride,
+                  padding, groups, eps, momentum, training)
+    return new_output(x, weight, stride, padding)
+
+
+def _needs_grad(x, weight, bn_weight, bn_bias):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
 
 
 def _op_autograd(keyset, x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1,
-                 groups=1, eps=1e-5, momentum=0.1, training=False):
+                 groups=1, eps=1e-5, momentum=0.1, training=False, num_batches_tracked=None):
     # z is stored only when a gradient will be asked for; this is the one place that knows
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias)):
-        return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                        padding, groups, eps, momentum, training)
+    if _needs_grad(x, weight, bn_weight, bn_bias):
+        return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                        stride, padding, groups, eps, momentum, training, True)
     with torch._C._AutoDispatchBelowAutograd():
         return _OP.redispatch(keyset & torch._C._after_autograd_keyset, x, weight, bn_weight, bn_bias,
                               running_mean, running_var, stride=stride, padding=padding, groups=groups,
-                              eps=eps, momentum=momentum, training=training)
+                              eps=eps, momentum=momentum, training=training, num_batches_tracked=num_batches_tracked)
 
 
 _LIB.impl("grouped_conv_bn_relu", _op_impl, "CompositeExplicitAutograd")
@@ -402,34 +304,56 @@ _LIB.impl("grouped_conv_bn_relu", _op_autograd, "Autograd", with_keyset=True)
 torch.library.register_fake("resnext_fused::grouped_conv_bn_relu", _op_fake, lib=_LIB)
 
 
+def _traced(x):
+    """Whether this call is being traced or transformed (torch.compile, torch.export, fake or meta
+    tensors, a dispatch mode, functorch): then the registered op, which they see as one node."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type == "meta"
+            or isinstance(x, torch._subclasses.fake_tensor.FakeTensor)
+            or _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active())
+
+
 def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
-                         stride=1, padding=1, groups=1, eps=1e-5, momentum=0.1, training=False):
+                         stride=1, padding=1, groups=1, eps=1e-5, momentum=0.1, training=False,
+                         num_batches_tracked=None):
     """``relu(batch_norm(conv2d(x, weight, None, stride, padding, 1, groups), ...))``, fused.
 
     Args:
         x: (N, C_in, H, W), NCHW-contiguous or channels_last; float32, float16 or bfloat16.
-        weight: (C_out, C_in/groups, 3, 3), x's dtype.
+        weight: (C_out, C_in/groups, 3, 3), x's dtype (float32 too under autocast).
         bn_weight, bn_bias: (C_out,) float32 BatchNorm affine parameters, or None (γ=1, β=0).
         running_mean, running_var: (C_out,) float32 buffers, updated in place when ``training``;
             may be None when training (like ``track_running_stats=False``).
         stride, padding, groups, eps, momentum, training: as in conv2d / batch_norm.
+        num_batches_tracked: a one-element int64 tensor that a training call adds one to (as
+            nn.BatchNorm2d's buffer), or None.
 
-    Under ``torch.autocast`` x and weight are cast to the autocast dtype first, as conv2d is.
+    Under ``torch.autocast`` x is cast to the autocast dtype first, as conv2d casts it; a float32
+    weight is packed in that dtype by the kernels (no cast of its own) and gets a float32 gradient.
 
     Returns:
         (N, C_out, H_out, W_out) in x's dtype, in conv2d's memory format: channels_last when x or
-        the weight suggests it by its strides (``suggest_memory_format``), else NCHW. The gradient
-        of x has x's layout. An empty batch (N = 0) gives an empty output and zero gradients.
+        the weight suggests it by its strides (``kernels.layout.suggest_memory_format``), else NCHW.
+        The gradient of x has x's layout. An empty batch (N = 0) gives an empty output and zero
+        gradients.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        if isinstance(weight, torch.Tensor):
-            weight = weight.to(dtype)
-    bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
-    _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training)
-    return _OP(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
-               groups=groups, eps=float(eps), momentum=float(momentum), training=bool(training))
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    if autocast:
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    bn = _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
+    _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training, weight_float32_ok=autocast)
+    eps, momentum, training = float(eps), float(momentum), bool(training)
+    if _traced(x):
+        return _OP(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
+                   groups=groups, eps=eps, momentum=momentum, training=training,
+                   num_batches_tracked=num_batches_tracked)
+    with on_device(x):
+        if _needs_grad(x, weight, bn_weight, bn_bias):
+            return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                            num_batches_tracked, stride, padding, groups, eps, momentum, training,
+                                            False)
+        _bump_versions(training, running_mean, running_var, num_batches_tracked)
+        return forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
+                            padding, groups, eps, momentum, training, save=False)[0]
 
 
 def _check_modules(conv, bn):
@@ -439,8 +363,8 @@ def _check_modules(conv, bn):
     if conv.bias is not None:
         raise ValueError("conv must have bias=False (the BatchNorm that follows makes it redundant)")
     if conv.kernel_size != (3, 3) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-        raise ValueError(f"conv must be a 3x3 filter with dilation 1 and zero padding, got "
-                         f"kernel_size={conv.kernel_size}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}")
+        raise ValueError(f"conv must be a 3x3 filter with dilation 1 and zero padding, got kernel_size="
+                         f"{conv.kernel_size}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}")
     if conv.stride[0] != conv.stride[1] or conv.stride[0] not in (1, 2):
         raise ValueError(f"conv.stride must be (1, 1) or (2, 2), got {conv.stride}")
     if isinstance(conv.padding, str) or conv.padding[0] != conv.padding[1]:
@@ -449,69 +373,46 @@ def _check_modules(conv, bn):
         raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels ({conv.out_channels})")
 
 
-def _sync_group(bn):
-    """The process group whose global batch a SyncBatchNorm normalises over, or None where
-    ``nn.SyncBatchNorm`` would not sync (eval mode, no process group, a group of one)."""
-    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = bn.process_group or dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def _sync_call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, groups, eps, momentum,
-               group):
-    """The training-mode op over a process group (``kernels/_grouped_conv_bn_relu_sync.py``), checked and autocast as
-    ``grouped_conv_bn_relu`` is."""
+def _sync_call(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding,
+               groups, eps, momentum, group):
+    """The training-mode op over a process group (``kernels/_grouped_conv_bn_relu_sync.py``), checked and
+    autocast as ``grouped_conv_bn_relu`` is."""
     from ._grouped_conv_bn_relu_sync import sync_grouped_conv_bn_relu
 
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    bn = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    bn = _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
     # one value per channel on this rank is fine: the statistics are over every rank's pixels
-    _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training=True, single_value_ok=True)
+    _check_inputs(x, weight, bn, stride, padding, groups, eps, momentum, training=True, single_value_ok=True,
+                  weight_float32_ok=autocast)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return sync_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                                      padding=padding, groups=groups, eps=float(eps), momentum=float(momentum),
                                      group=group)
-
-
-def bn_call_args(bn):
-    """(momentum, batch statistics?, running_mean, running_var) of one call of a BatchNorm module,
-    doing its bookkeeping as ``nn.BatchNorm2d.forward`` does: ``num_batches_tracked`` counts the
-    call in training, momentum=None is the cumulative average, and buffers that are not tracked
-    are never updated (None)."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
-    return momentum, use_batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None
 
 
 def grouped_conv_bn_relu_modules(x, conv, bn):
     """Run an existing ``nn.Conv2d`` → ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) → ReLU through
     the fused kernels.
 
-    Does nn.BatchNorm2d's bookkeeping too: ``bn.training``, ``num_batches_tracked``, momentum=None
-    (cumulative moving average) and ``track_running_stats=False`` behave as in PyTorch. An
-    ``nn.SyncBatchNorm`` in training mode inside an initialised process group of more than one
-    rank normalises with the statistics of the global batch (``kernels/_grouped_conv_bn_relu_sync.py``; on CUDA with
-    NCCL, and on CPU with gloo); otherwise it behaves as nn.BatchNorm2d, as PyTorch's does.
+    Does nn.BatchNorm2d's bookkeeping too (``kernels.batchnorm.modules.bn_call_args``): ``bn.training``,
+    ``num_batches_tracked``, momentum=None (cumulative moving average) and ``track_running_stats=False``
+    behave as in PyTorch. An ``nn.SyncBatchNorm`` in training mode inside an initialised process group
+    of more than one rank normalises with the statistics of the global batch
+    (``kernels/_grouped_conv_bn_relu_sync.py``; on CUDA with NCCL, and on CPU with gloo); otherwise it
+    behaves as nn.BatchNorm2d, as PyTorch's does.
     """
     _check_modules(conv, bn)
-    momentum, use_batch_stats, running_mean, running_var = bn_call_args(bn)
-    group = _sync_group(bn)
+    momentum, use_batch_stats, running_mean, running_var, tracked = bn_call_args(bn)
+    group = sync_group(bn)
     if group is not None:
-        return _sync_call(x, conv.weight, bn.weight, bn.bias, running_mean, running_var, conv.stride[0],
+        return _sync_call(x, conv.weight, bn.weight, bn.bias, running_mean, running_var, tracked, conv.stride[0],
                           conv.padding[0], conv.groups, bn.eps, momentum, group)
     return grouped_conv_bn_relu(
-        x, conv.weight, bn.weight, bn.bias, running_mean, running_var,
-        stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups, eps=bn.eps,
-        momentum=momentum, training=use_batch_stats)
+        x, conv.weight, bn.weight, bn.bias, running_mean, running_var, stride=conv.stride[0], padding=conv.padding[0],
+        groups=conv.groups, eps=bn.eps, momentum=momentum, training=use_batch_stats, num_batches_tracked=tracked)
 
 
 class GroupedConvBNReLU(nn.Module):

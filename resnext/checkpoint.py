@@ -1,4 +1,6 @@
-"""Load torchvision / timm / training checkpoints into the ResNeXt models.
+"""Checkpoints: torchvision / timm / training checkpoints loaded into the ResNeXt models, and the
+trainer's own (written atomically, read with a plain-words reason when they cannot be, and the RNG
+states every rank resumes from).
 
 Our state_dict keys are torchvision's, so a torchvision or timm ``tv_in1k`` checkpoint loads as
 is. What differs between sources is the wrapping: training scripts save ``{"state_dict": ...}``
@@ -7,14 +9,23 @@ or ``{"model": ...}``, DataParallel/DDP add ``module.``, wrapper modules ``model
 :func:`load_state_dict` undoes those and otherwise reports precisely what does not match.
 """
 
+import codecs
+import io
 import os
+import random
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Dict, Union
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["load_state_dict", "clean_state_dict"]
+__all__ = ["load_state_dict", "clean_state_dict", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "check_resumable", "load_weights", "rng_state", "set_rng_state", "gather_rng_states"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP, wrapper modules, torch.compile
@@ -85,3 +96,123 @@ def load_state_dict(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=False)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's checkpoints (resnext.train)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from or loaded, with the reason in plain words (the
+    trainer prints it as its one ``error:`` line)."""
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(world_size: int) -> list:
+    """Every rank's RNG states, so that each resumes its own stream (ranks augment differently)."""
+    if world_size == 1:
+        return [rng_state()]
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)  # all_gather_object cannot carry tensors on torch 2.13
+    blobs = [None] * world_size
+    dist.all_gather_object(blobs, buf.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint (``weights_only``); a missing or unreadable file raises :class:`CheckpointError`
+    that says why in plain words."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume {path}: no such file")
+    reason = None
+    if os.path.isdir(path):
+        hint = " (did you mean its last.pt?)" if os.path.isfile(os.path.join(path, "last.pt")) else ""
+        reason = f"is a directory{hint}"
+    elif os.path.getsize(path) == 0:
+        reason = "is empty (0 bytes)"
+    else:
+        try:
+            with warnings.catch_warnings():  # about pickle protocols: noise beside the one error line
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's messages run to paragraphs; say which case this is instead
+            reason = why_unloadable(path, e)
+        else:
+            if not isinstance(ckpt, dict):
+                reason = f"holds a {type(ckpt).__name__}, not a checkpoint dict"
+    if reason:
+        raise CheckpointError(f"--resume {path}: not a readable checkpoint: it {reason}")
+    return ckpt
+
+
+def why_unloadable(path: str, error: Exception) -> str:
+    """Why ``torch.load(path)`` raised ``error``, as a predicate of the file."""
+    if isinstance(error, OSError):
+        return f"cannot be read ({error.strerror or error})"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        if not zipfile.is_zipfile(path):
+            return "is truncated or corrupt (not a complete zip archive)"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "is a zip archive, but not one that torch.save wrote (no data.pkl)"
+        return "is corrupt (a file inside its zip archive cannot be read)"
+    if head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"):  # torch < 1.6's magic number
+        return "is truncated or corrupt (torch's legacy format)"
+    unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if unsafe:
+        return f"holds a {unsafe.group(1)} object, which weights_only loading refuses (tensors and plain data)"
+    if head.startswith(b"\x80"):
+        return "is a plain Python pickle, not a file that torch.save wrote"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # tolerates a character cut at 4096 bytes
+        return "is a text file, not a file that torch.save wrote"
+    except UnicodeDecodeError:
+        return "is not a file that torch.save wrote (neither a zip archive nor torch's legacy format)"
+
+
+# What a training resume reads from ``last.pt``; ``best.pt`` and bare state dicts hold weights only.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "partial", "best_top1", "rng",
+                "config")
+
+
+def check_resumable(ckpt: dict, path: str) -> None:
+    """Training resumes only from a full checkpoint (``last.pt``): say what a lesser one lacks."""
+    if "optimizer" not in ckpt and ("model" in ckpt or ckpt and all(map(torch.is_tensor, ckpt.values()))):
+        raise CheckpointError(f"--resume {path}: holds weights only (no config or optimizer state); use it with "
+                         "--eval-only")
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume {path}: not a training checkpoint: it lacks {', '.join(missing)}")
+    if not all(isinstance(ckpt[key], kind) for key, kind in (("epoch", int), ("step", int), ("config", dict))):
+        raise CheckpointError(f"--resume {path}: not a training checkpoint: its epoch, step or config is malformed")
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
+    try:
+        load_state_dict(model, ckpt)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"--resume {path}: {'; '.join(line.strip() for line in str(e).splitlines())}") from None

@@ -38,19 +38,14 @@ an interrupted run exits with status 130.
 """
 
 import argparse
-import codecs
 import dataclasses
-import io
 import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import time
-import warnings
-import zipfile
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -63,6 +58,8 @@ from tqdm import tqdm
 
 import resnext
 from resnext import data as data_lib
+from resnext.checkpoint import (CheckpointError, check_resumable, gather_rng_states, load_checkpoint, load_weights,
+                                save_checkpoint, set_rng_state)
 from resnext.data import DataError
 
 __all__ = ["TrainConfig", "TrainError", "NonFiniteLossError", "DATASET_DEFAULTS", "build_parser",
@@ -635,117 +632,6 @@ def evaluate(model, loader, criterion, cfg: TrainConfig, rt: Runtime) -> dict:
     return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_images": int(n)}
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rng_states(rt: Runtime) -> list:
-    """Every rank's RNG states, so that each resumes its own stream (ranks augment differently)."""
-    if not rt.distributed:
-        return [_rng_state()]
-    buf = io.BytesIO()
-    torch.save(_rng_state(), buf)  # all_gather_object cannot carry tensors on torch 2.13
-    blobs = [None] * rt.world_size
-    dist.all_gather_object(blobs, buf.getvalue())
-    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint (``weights_only``); a missing or unreadable file raises :class:`TrainError`
-    that says why in plain words."""
-    if not os.path.exists(path):
-        raise TrainError(f"--resume {path}: no such file")
-    reason = None
-    if os.path.isdir(path):
-        hint = " (did you mean its last.pt?)" if os.path.isfile(os.path.join(path, "last.pt")) else ""
-        reason = f"is a directory{hint}"
-    elif os.path.getsize(path) == 0:
-        reason = "is empty (0 bytes)"
-    else:
-        try:
-            with warnings.catch_warnings():  # about pickle protocols: noise beside the one error line
-                warnings.simplefilter("ignore")
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch's messages run to paragraphs; say which case this is instead
-            reason = _why_unloadable(path, e)
-        else:
-            if not isinstance(ckpt, dict):
-                reason = f"holds a {type(ckpt).__name__}, not a checkpoint dict"
-    if reason:
-        raise TrainError(f"--resume {path}: not a readable checkpoint: it {reason}")
-    return ckpt
-
-
-def _why_unloadable(path: str, error: Exception) -> str:
-    """Why ``torch.load(path)`` raised ``error``, as a predicate of the file."""
-    if isinstance(error, OSError):
-        return f"cannot be read ({error.strerror or error})"
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
-        if not zipfile.is_zipfile(path):
-            return "is truncated or corrupt (not a complete zip archive)"
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
-                return "is a zip archive, but not one that torch.save wrote (no data.pkl)"
-        return "is corrupt (a file inside its zip archive cannot be read)"
-    if head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"):  # torch < 1.6's magic number
-        return "is truncated or corrupt (torch's legacy format)"
-    unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-    if unsafe:
-        return f"holds a {unsafe.group(1)} object, which weights_only loading refuses (tensors and plain data)"
-    if head.startswith(b"\x80"):
-        return "is a plain Python pickle, not a file that torch.save wrote"
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head)  # tolerates a character cut at 4096 bytes
-        return "is a text file, not a file that torch.save wrote"
-    except UnicodeDecodeError:
-        return "is not a file that torch.save wrote (neither a zip archive nor torch's legacy format)"
-
-
-# What a training resume reads from ``last.pt``; ``best.pt`` and bare state dicts hold weights only.
-_RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "partial", "best_top1", "rng",
-                "config")
-
-
-def _check_resumable(ckpt: dict, path: str) -> None:
-    """Training resumes only from a full checkpoint (``last.pt``): say what a lesser one lacks."""
-    if "optimizer" not in ckpt and ("model" in ckpt or ckpt and all(map(torch.is_tensor, ckpt.values()))):
-        raise TrainError(f"--resume {path}: holds weights only (no config or optimizer state); use it with "
-                         "--eval-only")
-    missing = [key for key in _RESUME_KEYS if key not in ckpt]
-    if missing:
-        raise TrainError(f"--resume {path}: not a training checkpoint: it lacks {', '.join(missing)}")
-    if not all(isinstance(ckpt[key], kind) for key, kind in (("epoch", int), ("step", int), ("config", dict))):
-        raise TrainError(f"--resume {path}: not a training checkpoint: its epoch, step or config is malformed")
-
-
-def _load_weights(model: nn.Module, ckpt: dict, path: str) -> None:
-    try:
-        resnext.load_state_dict(model, ckpt)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise TrainError(f"--resume {path}: {'; '.join(line.strip() for line in str(e).splitlines())}") from None
-
-
 def plot_curves(metrics_path: str, png_path: str) -> None:
     """Losses, accuracies and learning rate per epoch from ``metrics.jsonl``, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -786,7 +672,7 @@ def _run(argv) -> int:
     rt = setup_runtime()
     ckpt = load_checkpoint(overrides["resume"]) if overrides.get("resume") else None
     if ckpt is not None and not overrides.get("eval_only"):
-        _check_resumable(ckpt, overrides["resume"])
+        check_resumable(ckpt, overrides["resume"])
     base = ckpt.get("config") if ckpt else None
     cfg = resolve_config(overrides, base, rt.world_size)
     if cfg.cuda_graphs and rt.device.type != "cuda" and not cfg.eval_only:
@@ -806,7 +692,7 @@ def _run(argv) -> int:
     train_loader, val_loader, num_classes = build_data(cfg, rt)
     model = build_model(cfg, num_classes, rt)
     if ckpt is not None:
-        _load_weights(model, ckpt, cfg.resume)
+        load_weights(model, ckpt, cfg.resume)
     raw_model = model
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -840,7 +726,7 @@ def _run(argv) -> int:
         if start_step > steps_per_epoch:
             raise TrainError(f"--resume {cfg.resume}: stopped at step {start_step} of an epoch that now "
                              f"has {steps_per_epoch} steps; keep the batch size and world size")
-        _set_rng_state(rngs[rt.rank] if len(rngs) == rt.world_size else rngs[0])
+        set_rng_state(rngs[rt.rank] if len(rngs) == rt.world_size else rngs[0])
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # augmentation differs between ranks
         random.seed(cfg.seed + rt.rank)
@@ -864,7 +750,7 @@ def _run(argv) -> int:
                   f"{steps_per_epoch} steps done", flush=True)
 
     def checkpoint(epoch, step, partial_sums):
-        rngs = _gather_rng_states(rt)
+        rngs = gather_rng_states(rt.world_size)
         if rt.is_main:
             save_checkpoint(last_path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -934,7 +820,7 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status (2 with one ``error:`` line on bad input)."""
     try:
         return _run(argv)
-    except (TrainError, DataError) as e:
+    except (TrainError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

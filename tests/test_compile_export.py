@@ -72,7 +72,8 @@ def op_nodes(gm):
 
 def test_registered_op_takes_the_python_functions_arguments():
     """Same names, same order, same keyword-only split and defaults as ``grouped_conv_bn_relu``;
-    the schema declares the in-place update of the running statistics (and nothing else)."""
+    the schema declares the in-place update of the running statistics and of the batch count (and
+    nothing else)."""
     params = inspect.signature(grouped_conv_bn_relu).parameters
     args = OP._schema.arguments
     assert [a.name for a in args] == list(params)
@@ -82,7 +83,7 @@ def test_registered_op_takes_the_python_functions_arguments():
         if p.default is not inspect.Parameter.empty:
             assert a.default_value == p.default, a.name
         mutated = a.alias_info is not None and a.alias_info.is_write
-        assert mutated == (a.name in ("running_mean", "running_var")), a.name
+        assert mutated == (a.name in ("running_mean", "running_var", "num_batches_tracked")), a.name
     assert str(args[4].type) == "Optional[Tensor]"  # None: track_running_stats=False
     assert len(OP._schema.returns) == 1 and torch.Tag.pt2_compliant_tag in OP.tags
 
@@ -152,16 +153,20 @@ def test_opcheck(training, grad, channels_last, changes, device):
 
 @pytest.mark.parametrize("training", [False, True], ids=["frozen-bn", "train"])
 def test_opcheck_internal_ops(training, device):
-    """The two ops the public op's autograd calls: the forward (which saves z and the statistics)
-    and the backward, whose dx follows x's layout (NCHW here) and dweight the weight's shape."""
+    """The two ops the public op's autograd calls: the forward (which saves z, the statistics and the
+    packed weight, and counts the batch in training) and the backward, whose dx follows x's layout
+    (NCHW here) and dweight the weight's shape."""
     inputs = make_inputs(SHAPE, device=device)
-    args = (*inputs.values(), 1, 1, SHAPE.groups, 1e-5, 0.1, training)
+    tracked = torch.zeros((), dtype=torch.long, device=device)
+    args = (*inputs.values(), tracked, 1, 1, SHAPE.groups, 1e-5, 0.1, training)
     torch.library.opcheck(FWD_OP, args, test_utils=["test_schema", "test_faketensor", "test_aot_dispatch_dynamic"])
-    _, z, stats = FWD_OP(*args)
+    before = int(tracked)
+    _, z, stats, packed = FWD_OP(*args)
+    assert int(tracked) == before + training
     dy = torch.randn(z.shape, device=device)
     for need_x, need_w in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(BWD_OP, (dy, inputs["x"], inputs["weight"], z, stats, 1, 1, SHAPE.groups, training,
-                                       need_x, need_w))
+        torch.library.opcheck(BWD_OP, (dy, inputs["x"], inputs["weight"], z, stats, packed, 1, 1, SHAPE.groups,
+                                       training, need_x, need_w))
 
 
 # ---------------------------------------------------------------------------------------------

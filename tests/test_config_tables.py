@@ -42,7 +42,7 @@ def _forward(device, n=2):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 32, 9, 7, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(32, 4, 3, 3, generator=g) / 6).to(device)
-    return conv_fwd.conv_forward(x, w, 8, 1, 1, store=conv_fwd.STORE_Z, compute_stats=True)
+    return conv_fwd.conv3x3_forward(x, w, 8, 1, 1, store=conv_fwd.STORE_Z, compute_stats=True)
 
 
 def _table(path, entries, version=triton.__version__):

@@ -44,7 +44,7 @@ def _activation(x, s, t):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_reads_the_activation_padded_after_the_transform(shape, dtype, device):
     x, weight, s, t, groups, stride = _problem(shape, dtype, device)
-    z, parts = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, compute_stats=True,
+    z, parts = conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, compute_stats=True,
                                  in_scale=s, in_shift=t)
     ref = F.conv2d(_activation(x, s, t), weight.double(), None, stride, 1, 1, groups)
     assert_close(z, ref, dtype, "z")
@@ -64,14 +64,14 @@ def test_forward_reads_the_activation_padded_after_the_transform(shape, dtype, d
 @pytest.mark.parametrize("shape", SHAPES)
 def test_weight_gradient_recomputes_the_activation(shape, dtype, device):
     x, weight, s, t, groups, stride = _problem(shape, dtype, device)
-    z = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, in_scale=s, in_shift=t)[0]
+    z = conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, in_scale=s, in_shift=t)[0]
     g = torch.Generator().manual_seed(1)
     c_out = weight.shape[0]
     dy = torch.randn(z.shape, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
     scale, shift = torch.rand(c_out, generator=g) + 0.5, torch.randn(c_out, generator=g) * 0.2
     k1, k0 = torch.randn(c_out, generator=g) * 0.1, torch.randn(c_out, generator=g) * 0.1
     scale, shift, k1, k0 = (v.to(device) for v in (scale, shift, k1, k0))
-    dw = conv_bwd.conv_dw(x, dy, z, weight, (scale, shift, k1, k0), groups, stride, 1, in_scale=s, in_shift=t)
+    dw = conv_bwd.conv3x3_wgrad(x, dy, z, weight, (scale, shift, k1, k0), groups, stride, 1, in_scale=s, in_shift=t)
     zd = z.double()
     gate = (zd * scale.double()[None, :, None, None] + shift.double()[None, :, None, None]) > 0
     dz = (torch.where(gate, dy.double(), 0.0) * scale.double()[None, :, None, None]
@@ -88,13 +88,13 @@ def test_every_config_gives_the_same_bits_with_the_prologue(device):
     # the GPU's configs (the interpreter ships one): the smallest and the largest pixel tile, and
     # two weight-gradient configs (they differ in warps and stages only, which the GPU honours)
     conv = conv_configs(interpret=False)
-    zs = [conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, in_scale=s, in_shift=t,
+    zs = [conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, in_scale=s, in_shift=t,
                             config=c)[0] for c in (conv[0], conv[-1])]
     assert conv[0].kwargs["BLOCK_M"] != conv[-1].kwargs["BLOCK_M"]
     assert torch.equal(zs[0], zs[1])
     coeffs = tuple(torch.full((16,), v, device=device) for v in (1.0, 0.1, 0.01, -0.01))
     wgrad = wgrad_configs(interpret=False)
-    dws = [conv_bwd.conv_dw(x, zs[0], zs[0], weight, coeffs, groups, stride, 1, in_scale=s, in_shift=t, config=c)
+    dws = [conv_bwd.conv3x3_wgrad(x, zs[0], zs[0], weight, coeffs, groups, stride, 1, in_scale=s, in_shift=t, config=c)
            for c in (wgrad[0], wgrad[-1])]
     assert torch.equal(dws[0], dws[1])
 
@@ -102,6 +102,6 @@ def test_every_config_gives_the_same_bits_with_the_prologue(device):
 def test_prologue_needs_both_vectors(device):
     x, weight, s, t, groups, stride = _problem((2, 16, 16, 4, 7, 6, 1), torch.float32, device)
     with pytest.raises(ValueError, match="in_scale and in_shift"):
-        conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, in_scale=s)
+        conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z, in_scale=s)
     with pytest.raises(ValueError, match="in_scale and in_shift"):
-        conv_bwd.conv_dw(x, x, x, weight, (s, s, s, s), groups, stride, 1, in_shift=t)
+        conv_bwd.conv3x3_wgrad(x, x, x, weight, (s, s, s, s), groups, stride, 1, in_shift=t)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from _helpers import DTYPES, assert_close
+from kernels.batchnorm.stats import bn_grad
 from kernels.conv3x3 import backward as conv_bwd
 from kernels.conv1x1.backward import conv1x1_dgrad
 
@@ -66,7 +67,10 @@ def _reference_da(conv, a_shape, dz):
     return a.grad
 
 
-def _check(da, sums, da_ref, z_in, bn, dtype):
+def _check(da, partials, da_ref, z_in, bn, dtype):
+    """The masked dA, and the sums the epilogue's partials give once ``bn_grad`` finishes them."""
+    count = z_in.shape[0] * z_in.shape[2] * z_in.shape[3]
+    sums = bn_grad(*partials, bn[0], bn[2], bn[3], count, True)[:2]
     scale, shift, mean, invstd = (v.double()[:, None, None] for v in bn)
     gate = z_in.double() * scale + shift > 0
     assert_close(da, torch.where(gate, da_ref, 0.0), dtype, "dA (masked)")
@@ -136,7 +140,7 @@ def _grouped_problem(shape, dtype, device, seed=0):
 @pytest.mark.parametrize("shape", SHAPES_3X3)
 def test_grouped_dgrad_relu_bn_epilogue(shape, dtype, device):
     z_in, bn, dy, z, coeffs, weight, groups, stride = _grouped_problem(shape, dtype, device)
-    dx, sums = conv_bwd.conv_dx(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn))
+    dx, sums = conv_bwd.conv3x3_dgrad(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn))
     assert dx.dtype == dtype and dx.is_contiguous(memory_format=torch.channels_last)
     dx_ref = _reference_da(lambda a: F.conv2d(a, weight.double(), None, stride, 1, 1, groups), z_in.shape,
                            _dz(dy, z, coeffs, True))
@@ -152,7 +156,7 @@ def test_epilogue_sums_do_not_depend_on_the_pixel_tile(device):
     """Two forced pixel tiles (64 and 128 pixels, both whole statistics chunks): the same bits."""
     z_in, bn, dy, z, coeffs, weight, groups, stride = _grouped_problem((2, 32, 32, 1, 12, 11, 2),
                                                                        torch.float32, device, seed=2)
-    runs = [conv_bwd.conv_dx(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn), config=c)
+    runs = [conv_bwd.conv3x3_dgrad(dy, z, weight, coeffs, z_in.shape, groups, stride, 1, relu_bn=(z_in, *bn), config=c)
             for c in _configs(BLOCK_M=[64, 128])]
     gen = torch.Generator().manual_seed(3)
     z1, bn1 = _relu_bn(16, 2, 12, 11, torch.float32, device, gen)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import Shape, assert_close, grad_output, make_inputs, pre_activation, reference, run
-from kernels.grouped_conv_bn_relu import GroupedConvBNReLU, grouped_conv_bn_relu, suggest_memory_format
+from kernels.grouped_conv_bn_relu import GroupedConvBNReLU, grouped_conv_bn_relu
+from kernels.layout import suggest_memory_format
 
 CL = torch.channels_last
 

@@ -82,7 +82,7 @@ def test_forward_every_config(cfg, shape, device):
     _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight = _inputs(device, n, c_in, h, w, c_out, groups)
     z_ref = F.conv2d(x, weight, None, stride, 1, 1, groups)
-    z, stats = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z,
+    z, stats = conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z,
                                  compute_stats=True, config=cfg)
     torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
     count = z_ref.numel() // c_out
@@ -92,7 +92,7 @@ def test_forward_every_config(cfg, shape, device):
     torch.testing.assert_close(mean, z_ref.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
     var = z_ref.var((0, 2, 3), unbiased=False)
     torch.testing.assert_close(invstd, torch.rsqrt(var + 1e-5), atol=1e-4, rtol=1e-4)
-    y, _ = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_BN_RELU, scale=scale,
+    y, _ = conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_BN_RELU, scale=scale,
                              shift=shift, config=cfg)
     torch.testing.assert_close(y, F.relu(z_ref * scale[:, None, None] + shift[:, None, None]),
                                atol=1e-4, rtol=1e-4)
@@ -121,7 +121,7 @@ def test_dgrad_every_config(cfg, shape, dz_in_memory, device):
     dz_kernel = bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
     if dz_in_memory:
         torch.testing.assert_close(dz_kernel, dz, atol=1e-5, rtol=1e-5)
-    dx = conv_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, dz=dz_kernel, config=cfg)
+    dx = conv_bwd.conv3x3_dgrad(dy, z, weight, coeffs, x.shape, groups, stride, 1, dz=dz_kernel, config=cfg)
     torch.testing.assert_close(dx, conv2d_input(x.shape, weight, dz, stride, 1, 1, groups),
                                atol=1e-4, rtol=1e-4)
 
@@ -134,7 +134,7 @@ def test_wgrad_every_config(cfg, shape, dz_in_memory, device):
     _skip_unless_shipped(cfg, c_in, c_out, groups)
     x, weight, z, dy, coeffs, dz = _backward_inputs(device, shape)
     dz_kernel = bn_relu_bwd(dy, z, coeffs) if dz_in_memory else None
-    dw = conv_bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, dz=dz_kernel, config=cfg)
+    dw = conv_bwd.conv3x3_wgrad(x, dy, z, weight, coeffs, groups, stride, 1, dz=dz_kernel, config=cfg)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dz, stride, 1, 1, groups),
                                atol=1e-3, rtol=1e-4)
 
@@ -151,7 +151,7 @@ def test_stride2_dgrad_parity_classes(hw, padding, device):
     dy = torch.randn_like(z)
     ones, zeros = torch.ones(c_out, device=device), torch.zeros(c_out, device=device)
     coeffs = (ones, torch.full_like(ones, 1e3), zeros, zeros)  # dz = dy
-    dx = conv_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, padding)
+    dx = conv_bwd.conv3x3_dgrad(dy, z, weight, coeffs, x.shape, groups, stride, padding)
     torch.testing.assert_close(dx, conv2d_input(x.shape, weight, dy, stride, padding, 1, groups),
                                atol=1e-4, rtol=1e-4)
 
@@ -166,7 +166,7 @@ def test_weight_grad_pixel_splits(splits, device, monkeypatch):
     dy = torch.randn_like(z)
     ones, zeros = torch.ones(c_out, device=device), torch.zeros(c_out, device=device)
     monkeypatch.setattr(conv_bwd, "reduction_splits", lambda m, dev: splits)
-    dw = conv_bwd.conv_dw(x, dy, z, weight, (ones, torch.full_like(ones, 1e3), zeros, zeros), groups,
+    dw = conv_bwd.conv3x3_wgrad(x, dy, z, weight, (ones, torch.full_like(ones, 1e3), zeros, zeros), groups,
                       stride, 1)
     torch.testing.assert_close(dw, conv2d_weight(x, weight.shape, dy, stride, 1, 1, groups),
                                atol=1e-4, rtol=1e-4)
@@ -205,13 +205,13 @@ def test_configs_agree_bitwise(shape, dtype, device):
     ones = torch.ones(c_out, device=device)
     results = []
     for conv_cfg, wgrad_cfg in pairs:
-        z_k, stats = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z,
+        z_k, stats = conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_Z,
                                        compute_stats=True, config=conv_cfg)
         bn = bn_stats(stats, z_k.numel() // c_out, ones, coeffs[1], None, None, 1e-5, 0.1)
-        y, _ = conv_fwd.conv_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_BN_RELU, scale=bn[2],
+        y, _ = conv_fwd.conv3x3_forward(x, weight, groups, stride, 1, store=conv_fwd.STORE_BN_RELU, scale=bn[2],
                                  shift=bn[3], config=conv_cfg)
-        dx = conv_bwd.conv_dx(dy, z, weight, coeffs, x.shape, groups, stride, 1, config=conv_cfg)
-        dw = conv_bwd.conv_dw(x, dy, z, weight, coeffs, groups, stride, 1, config=wgrad_cfg)
+        dx = conv_bwd.conv3x3_dgrad(dy, z, weight, coeffs, x.shape, groups, stride, 1, config=conv_cfg)
+        dw = conv_bwd.conv3x3_wgrad(x, dy, z, weight, coeffs, groups, stride, 1, config=wgrad_cfg)
         results.append(dict(z=z_k, mean_part=stats[0], m2_part=stats[1], mean=bn[0], invstd=bn[1],
                             y=y, dx=dx, dw=dw))
     for name in results[0]:

@@ -106,7 +106,8 @@ def test_forward_chunk_partials(device):
     n, c, h, w, groups = 2, 16, 9, 11, 4  # 198 pixels: three full chunks and a ragged one
     x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, c // groups, 3, 3, device=device) / 3
-    z, (mean_part, m2_part) = conv_fwd.conv_forward(x, weight, groups, 1, 1, store=conv_fwd.STORE_Z, compute_stats=True)
+    z, (mean_part, m2_part) = conv_fwd.conv3x3_forward(x, weight, groups, 1, 1, store=conv_fwd.STORE_Z,
+                                                       compute_stats=True)
     rows = z.permute(0, 2, 3, 1).reshape(-1, c).double()
     assert mean_part.shape == (4, c)
     for t in range(4):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import TOL, assert_close, assert_within_2x_pytorch, bf16_gpu_only, grad_output
-from kernels.batchnorm.pointwise import bn_backward_coeffs
+from kernels.batchnorm.stats import bn_grad
 from kernels.batchnorm.tail import tail_backward, tail_forward
 
 # every test twice: with the interpreter's tiles and with the GPU's (tests/conftest.py)
@@ -98,19 +98,22 @@ def _reference(z3, bn3, identity, bn_d, dy=None, training=True, dtype=torch.floa
     return y.detach(), pre.detach(), grads
 
 
-def _run(z3, bn3, identity, bn_d, dy, device):
+def _run(z3, bn3, identity, bn_d, dy, device, training=True):
+    """y, g and each BatchNorm's (Σg, Σg·x̂, k1, k0) from the tail's partials (``bn_grad``)."""
     scale3, shift3, mean3, invstd3 = _folded(bn3, device)
     d = _folded(bn_d, device) if bn_d is not None else [None] * 4
     y = tail_forward(z3, scale3, shift3, identity, d[0], d[1])
-    g, sums3, sums_d = tail_backward(dy, z3, scale3, shift3, mean3, invstd3, identity, *d)
-    return y, g, sums3, sums_d
+    g, part = tail_backward(dy, z3, scale3, shift3, mean3, invstd3, identity, *d)
+    count = z3.shape[0] * z3.shape[2] * z3.shape[3]
+    grads3 = bn_grad(part[:, 0], part[:, 1], scale3, mean3, invstd3, count, training)
+    grads_d = bn_grad(part[:, 0], part[:, 2], d[0], d[2], d[3], count, training) if bn_d is not None else None
+    return y, g, grads3, grads_d
 
 
-def _dz(g, z, sums, bn, device, training):
-    """BatchNorm's input gradient from the kernel's g and sums, in float64."""
-    scale, _, mean, invstd = _folded(bn, device)
-    count = z.shape[0] * z.shape[2] * z.shape[3]
-    k1, k0 = bn_backward_coeffs(sums, scale, mean, invstd, count, training=training)
+def _dz(g, z, grads, bn, device):
+    """BatchNorm's input gradient from the kernel's g and ``bn_grad``'s k1, k0, in float64."""
+    scale = _folded(bn, device)[0]
+    k1, k0 = grads[2:]
     assert k1.dtype == k0.dtype == torch.float32
     per_c = [t.double().cpu().view(1, -1, 1, 1) for t in (scale, k1, k0)]
     return per_c[0] * g.double().cpu() + per_c[1] * z.double().cpu() + per_c[2]
@@ -143,12 +146,12 @@ def test_tail_matches_autograd(shape, dtype, project, device):
     assert_close(sums3[0].cpu(), ref["dbeta3"], dtype, "dbeta3 = sum g", SUM_TOL)
     # Σg is taken from the float32 g before rounding, which is the stored g exactly
     assert_close(sums3[0].cpu(), g.double().sum((0, 2, 3)).cpu(), dtype, "sum g vs stored g", SUM_TOL)
-    assert_close(_dz(g, z3, sums3, bn3, device, True), ref["dz3"], dtype, "dz3", SUM_TOL)
+    assert_close(_dz(g, z3, sums3, bn3, device), ref["dz3"], dtype, "dz3", SUM_TOL)
     if project:
-        assert sums_d is not None and sums_d[0] is sums3[0]
+        assert sums_d is not None and torch.equal(sums_d[0], sums3[0])
         assert_close(sums_d[1].cpu(), ref["dgamma_d"], dtype, "dgamma_d = sum g*xhat_d", SUM_TOL)
         assert_close(sums_d[0].cpu(), ref["dbeta_d"], dtype, "dbeta_d = sum g", SUM_TOL)
-        assert_close(_dz(g, identity, sums_d, bn_d, device, True), ref["didentity"], dtype, "dz_d", SUM_TOL)
+        assert_close(_dz(g, identity, sums_d, bn_d, device), ref["didentity"], dtype, "dz_d", SUM_TOL)
     else:
         assert sums_d is None
         assert_close(g.cpu(), ref["didentity"], dtype, "dx (identity branch) = g")
@@ -162,16 +165,14 @@ def test_tail_frozen_bn(project, device):
     _, pre, _ = _reference(z3, bn3, identity, bn_d, training=False)
     dy = _grad_y(pre, dtype, device)
     y_ref, _, ref = _reference(z3, bn3, identity, bn_d, dy, training=False)
-    y, g, sums3, sums_d = _run(z3, bn3, identity, bn_d, dy, device)
+    y, g, sums3, sums_d = _run(z3, bn3, identity, bn_d, dy, device, training=False)
     assert_close(y.cpu(), y_ref, dtype, "y")
-    scale3, _, mean3, invstd3 = _folded(bn3, device)
-    k1, k0 = bn_backward_coeffs(sums3, scale3, mean3, invstd3, 162, training=False)
-    assert not k1.any() and not k0.any()
-    assert_close(_dz(g, z3, sums3, bn3, device, False), ref["dz3"], dtype, "dz3")
+    assert not sums3[2].any() and not sums3[3].any()  # k1 = k0 = 0
+    assert_close(_dz(g, z3, sums3, bn3, device), ref["dz3"], dtype, "dz3")
     assert_close(sums3[1].cpu(), ref["dgamma3"], dtype, "dgamma3")
     assert_close(sums3[0].cpu(), ref["dbeta3"], dtype, "dbeta3")
     if project:
-        assert_close(_dz(g, identity, sums_d, bn_d, device, False), ref["didentity"], dtype, "dz_d")
+        assert_close(_dz(g, identity, sums_d, bn_d, device), ref["didentity"], dtype, "dz_d")
 
 
 @pytest.mark.parametrize("project", [False, True], ids=["identity", "projection"])
@@ -194,7 +195,7 @@ def test_tail_nan_as_pytorch(device):
     ones, zeros = torch.ones(4, device=device), torch.zeros(4, device=device)
     dy = torch.full_like(z3, 3.0)
     y = tail_forward(z3, ones, zeros, torch.zeros_like(z3))
-    g, _, _ = tail_backward(dy, z3, ones, zeros, zeros, ones, torch.zeros_like(z3))
+    g, _ = tail_backward(dy, z3, ones, zeros, zeros, ones, torch.zeros_like(z3))
     ref = z3.detach().double().cpu().requires_grad_()
     torch.relu(ref).backward(dy.double().cpu())
     torch.testing.assert_close(y.cpu(), torch.relu(z3.cpu()), equal_nan=True)
@@ -206,9 +207,9 @@ def test_tail_empty_batch(device):
     z3 = torch.empty((0, 8, 4, 4), device=device).contiguous(memory_format=CL)
     v = torch.ones(8, device=device)
     y = tail_forward(z3, v, v, z3, v, v)
-    g, sums3, sums_d = tail_backward(z3, z3, v, v, v, v, z3, v, v, v, v)
+    g, part = tail_backward(z3, z3, v, v, v, v, z3, v, v, v, v)
     assert y.shape == g.shape == z3.shape
-    for t in sums3 + sums_d:
+    for t in bn_grad(part[:, 0], part[:, 1], v, v, v, 1, True) + bn_grad(part[:, 0], part[:, 2], v, v, v, 1, True):
         assert t.shape == (8,) and not t.any()
 
 

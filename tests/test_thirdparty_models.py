@@ -25,7 +25,6 @@ import functools
 import importlib
 import importlib.util
 import io
-import os
 import subprocess
 import sys
 import warnings

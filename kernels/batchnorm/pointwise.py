@@ -5,12 +5,10 @@ With z the conv output, scale = γ·invstd, shift = β − mean·scale (float32,
 * ``_bn_relu_kernel``: y = relu(z·scale + shift), where the forward conv could not apply it in its
   own epilogue (training: the batch statistics are known only after the conv has run).
 * ``_bn_bwd_reduce_kernel``: float32 partials of dβ = Σ g and dγ = Σ g·x̂, g = dy·[z·scale + shift > 0],
-  x̂ = (z − mean)·invstd, over fixed pixel splits summed in a fixed order (deterministic).
-* ``bn_backward_coeffs``: BatchNorm's backward is then affine in (g, z) per channel,
-  dz = scale·g + k1·z + k0, with k1 = −scale·invstd·dγ/M, k0 = −scale·dβ/M − k1·mean in training
-  and k1 = k0 = 0 with frozen (eval-mode) statistics. The conv kernels rebuild dz from (dy, z) as
-  they load it; ``_bn_relu_bwd_kernel`` writes dz once instead, for Triton's interpreter
-  (``kernels.conv3x3.backward.MATERIALIZE_DZ``).
+  x̂ = (z − mean)·invstd, over fixed pixel splits, which ``kernels.batchnorm.stats.bn_grad`` sums
+  in a fixed order (deterministic) into BatchNorm's backward coefficients: dz = scale·g + k1·z + k0
+  per channel. The conv kernels rebuild dz from (dy, z) as they load it; ``_bn_relu_bwd_kernel``
+  writes dz once instead, for Triton's interpreter (``kernels.common.TILES.materialize_dz``).
 
 The batch statistics themselves come from the conv epilogues (``kernels.batchnorm.stats``); the
 bottleneck's final BN + add + ReLU is ``kernels.batchnorm.tail``.
@@ -20,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import bn_relu_grad, pointwise_tiles, reduction_splits, relu, relu_grad
+from ..common import bn_relu_grad, cdiv, pointwise_tiles, reduction_splits, relu, relu_grad
 
 
 @triton.jit
@@ -103,44 +101,28 @@ def _bn_bwd_reduce_kernel(
 
 
 def bn_bwd_reduce(dy, z, scale, shift, mean, invstd):
-    """(Σ g, Σ g·x̂) per channel, float32, reduced in a fixed order."""
+    """(Σ g, Σ g·x̂) partials, float32 (splits, C) each, of fixed pixel splits (``bn_grad`` sums them)."""
     n, c, h, w = z.shape
     m = n * h * w
     splits = reduction_splits(m, z.device)
     block_m, block_c = pointwise_tiles(c)
-    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    rows = cdiv(cdiv(m, splits), block_m) * block_m
     sum_g = torch.empty((splits, c), device=z.device, dtype=torch.float32)
     sum_gx = torch.empty((splits, c), device=z.device, dtype=torch.float32)
-    _bn_bwd_reduce_kernel[(splits, triton.cdiv(c, block_c))](
+    _bn_bwd_reduce_kernel[(splits, cdiv(c, block_c))](
         dy, z, scale, shift, mean, invstd, sum_g, sum_gx, m, c, rows,
         BLOCK_M=block_m, BLOCK_C=block_c)
-    return sum_g.sum(0), sum_gx.sum(0)
-
-
-def bn_backward_coeffs(sums, scale, mean, invstd, count, training=True):
-    """(k1, k0), float32 (C,), so that dz = scale·g + k1·z + k0 is BatchNorm's input gradient.
-
-    ``sums`` = (Σg, Σg·x̂) over the ``count`` pixels the batch statistics were taken over. In
-    training, k1 = −scale·invstd·Σg·x̂/count and k0 = −scale·Σg/count − k1·mean; with frozen
-    (eval-mode) statistics the mean and invstd are constants and k1 = k0 = 0.
-    """
-    sum_g, sum_gx = sums
-    if not training:
-        return torch.zeros_like(scale), torch.zeros_like(scale)
-    if count < 1:
-        raise ValueError(f"count must be a positive number of pixels in training, got {count!r}")
-    k1 = -scale * invstd * sum_gx / count
-    k0 = -scale * sum_g / count - k1 * mean
-    return k1, k0
+    return sum_g, sum_gx
 
 
 def bn_relu_bwd(dy, z, coeffs):
-    """dz (float32, channels-last) of relu(BN(z)) from dy, for the MATERIALIZE_DZ path."""
+    """dz (float32, channels-last) of relu(BN(z)) from dy, where it is written once
+    (``kernels.common.TILES.materialize_dz``: under the interpreter)."""
     n, c, h, w = z.shape
     m = n * h * w
     dz = torch.empty(z.shape, device=z.device, dtype=torch.float32, memory_format=torch.channels_last)
     block_m, block_c = pointwise_tiles(c)
-    _bn_relu_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+    _bn_relu_bwd_kernel[(cdiv(m, block_m), cdiv(c, block_c))](
         dy, z, *coeffs, dz, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return dz
 
@@ -151,6 +133,6 @@ def bn_relu(z, scale, shift):
     y = torch.empty_like(z, memory_format=torch.channels_last)
     m = n * h * w
     block_m, block_c = pointwise_tiles(c)
-    _bn_relu_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+    _bn_relu_kernel[(cdiv(m, block_m), cdiv(c, block_c))](
         z, scale, shift, y, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return y

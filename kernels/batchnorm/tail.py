@@ -16,12 +16,12 @@ activation dtype; tensors are channels-last (N, C, H, W), i.e. (M = N·H·W, C) 
   (already in the activation dtype) or 0, so rounding it changes nothing.
   The reduction is deterministic. Pixels are cut into a fixed number of splits (a function of M
   and the device's SM count only, as ``pointwise.bn_bwd_reduce``), each program sums its split in
-  fixed BLOCK_M steps into FOLD float32 rows per channel and those into one partial, and one
-  ``sum(0)`` adds the partials in a fixed order. Nothing here is autotuned, so the results are bit-identical from run to run (and the
-  same on every run of one device kind, not across kinds or against the interpreter).
-* ``bn_backward_coeffs`` (``kernels.conv3x3.backward``'s, re-exported) turns the sums into k1, k0 with
-  dz = scale·g + k1·z + k0, BatchNorm's input gradient. The next kernels rebuild dz from (g, z) as they load them, as
-  ``kernels.common.bn_relu_grad`` does.
+  fixed BLOCK_M steps into FOLD float32 rows per channel and those into one partial per split.
+  Nothing here is autotuned, so the results are bit-identical from run to run (and the same on
+  every run of one device kind, not across kinds or against the interpreter).
+* ``kernels.batchnorm.stats.bn_grad`` sums the partials in a fixed order and turns them into k1, k0
+  with dz = scale·g + k1·z + k0, BatchNorm's input gradient. The next kernels rebuild dz from (g, z)
+  as they load them, as ``kernels.common.bn_relu_grad`` does.
 
 Limitations:
 * No autotuning: the tiles are ``pointwise_tiles`` (64 pixels × up to 64 channels on the GPU)
@@ -42,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import DTYPES, check_channel_vector, check_device, pointwise_tiles, reduction_splits, relu, relu_grad
+from ..common import (DTYPES, cdiv, check_channel_vector, check_device, pointwise_tiles, reduction_splits, relu,
+                      relu_grad)
 
 NUM_WARPS = 4
 # The backward's float32 sums keep FOLD partial rows per channel through the pixel loop and add
@@ -220,21 +221,23 @@ def _tiles(c):
     return block_m, block_c, c % block_c == 0
 
 
-def tail_forward(z3, scale3, shift3, identity, scale_d=None, shift_d=None):
+def tail_forward(z3, scale3, shift3, identity, scale_d=None, shift_d=None, check=True):
     """y = relu(z3·scale3 + shift3 + idn), idn = identity, or identity·scale_d + shift_d when the
     projection's folded BatchNorm is given (identity is then z_d). Channels-last, z3's dtype."""
-    _check_activation(z3, "z3")
-    _check_activation(identity, "identity", like=("z3", z3))
-    project = _check_projection({"scale_d": scale_d, "shift_d": shift_d})
-    _check_channel_vectors({"scale3": scale3, "shift3": shift3, "scale_d": scale_d, "shift_d": shift_d}, z3,
-                           optional=("scale_d", "shift_d"))
+    project = scale_d is not None
+    if check:  # check=False: the fused bottleneck's launches, checked once at its entry
+        _check_activation(z3, "z3")
+        _check_activation(identity, "identity", like=("z3", z3))
+        project = _check_projection({"scale_d": scale_d, "shift_d": shift_d})
+        _check_channel_vectors({"scale3": scale3, "shift3": shift3, "scale_d": scale_d, "shift_d": shift_d}, z3,
+                               optional=("scale_d", "shift_d"))
     n, c, h, w = z3.shape
     m = n * h * w
     y = torch.empty_like(z3, memory_format=torch.channels_last)
     if m * c == 0:
         return y
     block_m, block_c, even_c = _tiles(c)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(c, block_c),)
+    grid = (cdiv(m, block_m) * cdiv(c, block_c),)
     _tail_fwd_kernel[grid](
         z3, identity, scale3, shift3, scale_d if project else scale3, shift_d if project else shift3, y,
         m, c, PROJECT=project, EVEN_C=even_c, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
@@ -242,38 +245,39 @@ def tail_forward(z3, scale3, shift3, identity, scale_d=None, shift_d=None):
 
 
 def tail_backward(dy, z3, scale3, shift3, mean3, invstd3, identity, scale_d=None, shift_d=None, mean_d=None,
-                  invstd_d=None):
-    """(g, sums3, sums_d) of y = tail_forward(z3, scale3, shift3, identity[, scale_d, shift_d]).
+                  invstd_d=None, check=True):
+    """(g, partials) of y = tail_forward(z3, scale3, shift3, identity[, scale_d, shift_d]).
 
-    g = dy·[pre > 0] in the activation dtype (channels-last); sums3 = (Σg, Σg·x̂3) and, with the
-    projection's BatchNorm given, sums_d = (Σg, Σg·x̂_d), else None: float32 (C,) tensors over
-    all N·H·W pixels, x̂ = (z − mean)·invstd. Σg is one tensor, shared by sums3 and sums_d. It is
-    summed from the float32 g before rounding, which equals the stored g exactly (g is dy or 0).
-    Deterministic: the same bits from run to run.
+    g = dy·[pre > 0] in the activation dtype (channels-last); partials: (S, 3, C) float32, per pixel
+    split the sums Σg, Σg·x̂3 and, with the projection's BatchNorm given, Σg·x̂_d (row 2, else left
+    unwritten), x̂ = (z − mean)·invstd. ``kernels.batchnorm.stats.bn_grad(partials[:, 0],
+    partials[:, 1], ...)`` finishes BN3's backward, ``(partials[:, 0], partials[:, 2], ...)`` BN_d's.
+    Σg is summed from the float32 g before rounding, which equals the stored g exactly (g is dy
+    or 0). Deterministic: the same bits from run to run.
     """
-    _check_activation(z3, "z3")
-    _check_activation(dy, "dy", like=("z3", z3))
-    _check_activation(identity, "identity", like=("z3", z3))
-    project = _check_projection({"scale_d": scale_d, "shift_d": shift_d, "mean_d": mean_d, "invstd_d": invstd_d})
-    _check_channel_vectors({"scale3": scale3, "shift3": shift3, "mean3": mean3, "invstd3": invstd3,
-                            "scale_d": scale_d, "shift_d": shift_d, "mean_d": mean_d, "invstd_d": invstd_d}, z3,
-                           optional=("scale_d", "shift_d", "mean_d", "invstd_d"))
+    project = scale_d is not None
+    if check:  # check=False: the fused bottleneck's launches, checked once at its entry
+        _check_activation(z3, "z3")
+        _check_activation(dy, "dy", like=("z3", z3))
+        _check_activation(identity, "identity", like=("z3", z3))
+        project = _check_projection({"scale_d": scale_d, "shift_d": shift_d, "mean_d": mean_d, "invstd_d": invstd_d})
+        _check_channel_vectors({"scale3": scale3, "shift3": shift3, "mean3": mean3, "invstd3": invstd3,
+                                "scale_d": scale_d, "shift_d": shift_d, "mean_d": mean_d, "invstd_d": invstd_d}, z3,
+                               optional=("scale_d", "shift_d", "mean_d", "invstd_d"))
     n, c, h, w = z3.shape
     m = n * h * w
     g = torch.empty_like(z3, memory_format=torch.channels_last)
     if m * c == 0:  # sums over no pixels
-        sums = torch.zeros((3, c), device=z3.device, dtype=torch.float32)
+        part = torch.zeros((1, 3, c), device=z3.device, dtype=torch.float32)
     else:
         block_m, block_c, even_c = _tiles(c)
         splits = reduction_splits(m, z3.device)
-        rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-        splits = triton.cdiv(m, rows)  # no empty split
+        rows = cdiv(cdiv(m, splits), block_m) * block_m
+        splits = cdiv(m, rows)  # no empty split
         # every entry a launch reads is written; row 2 is left empty without a projection
         part = torch.empty((splits, 3, c), device=z3.device, dtype=torch.float32)
         d = (scale_d, shift_d, mean_d, invstd_d) if project else (scale3, shift3, mean3, invstd3)
-        _tail_bwd_kernel[(splits * triton.cdiv(c, block_c),)](
+        _tail_bwd_kernel[(splits * cdiv(c, block_c),)](
             dy, z3, identity, scale3, shift3, mean3, invstd3, *d, g, part, m, c, rows,
             PROJECT=project, EVEN_C=even_c, BLOCK_M=block_m, BLOCK_C=block_c, FOLD=FOLD, num_warps=NUM_WARPS)
-        sums = part.sum(0) if project else part[:, :2].sum(0)
-    sum_g = sums[0]
-    return g, (sum_g, sums[1]), (sum_g, sums[2]) if project else None
+    return g, part

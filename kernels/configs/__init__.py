@@ -47,7 +47,8 @@ TABLES = Path(__file__).parent
 AUTOTUNE = os.environ.get("RESNEXT_AUTOTUNE", "0") == "1"
 # autotune key arguments that size the problem rather than shape it: replaced by the pixel bucket
 _SIZE_KEYS = ("N_BUCKET", "M_BUCKET", "H", "W")
-_CHOSEN = {}  # (kernel, tables, tuning key) -> triton.Config, per process
+_CHOSEN = {}  # (kernel, device, dtype, tuning key) -> triton.Config, per process
+_KEY_POSITIONS = {}  # kernel -> positions of its tuning key's arguments
 # ``tuner(kernel, grid, args, meta) -> config`` replaces ``choose`` while benchmarks.tune runs
 TUNER = None
 
@@ -115,7 +116,8 @@ def table_key(kernel, named):
     dtype = next(v.dtype for v in named.values() if isinstance(v, torch.Tensor))
     pixels = named["M"] if "M" in named else named["N"] * named["H"] * named["W"]
     fields = " ".join(f"{k}={named[k]}" for k in kernel.keys if k not in _SIZE_KEYS)
-    return kernel.base_fn.__name__, f"{str(dtype).removeprefix('torch.')} {fields}", max(0, int(pixels) - 1).bit_length()
+    bucket = max(0, int(pixels) - 1).bit_length()
+    return kernel.base_fn.__name__, f"{str(dtype).removeprefix('torch.')} {fields}", bucket
 
 
 def format_key(shape_key, bucket):
@@ -176,14 +178,18 @@ def choose(kernel, args, meta):
         return kernel.configs[0]  # the interpreter's one config
     if AUTOTUNE:
         return None
-    named = dict(zip(kernel.arg_names, args))
-    device = next(v.device for v in named.values() if isinstance(v, torch.Tensor))
-    paths = device_tables(device)
-    cache_key = (kernel, paths, *(named[k] if k in named else meta[k] for k in kernel.keys),
-                 *(str(v.dtype) for v in named.values() if isinstance(v, torch.Tensor)), *meta.items())
+    # the tuning key's positional arguments, the activation (first argument) and the constexprs:
+    # what decides the config, hashed without building the table key on every launch
+    positions = _KEY_POSITIONS.get(kernel)
+    if positions is None:
+        positions = _KEY_POSITIONS[kernel] = tuple(i for i, name in enumerate(kernel.arg_names) if name in kernel.keys
+                                                   and i < len(args))
+    first = args[0]
+    cache_key = (kernel, first.device, first.dtype, *(args[i] for i in positions), *meta.items())
     config = _CHOSEN.get(cache_key)
     if config is None:
-        config = _CHOSEN[cache_key] = pick(kernel, named, meta, paths)
+        named = dict(zip(kernel.arg_names, args))
+        config = _CHOSEN[cache_key] = pick(kernel, named, meta, device_tables(first.device))
     return config
 
 

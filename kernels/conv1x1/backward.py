@@ -38,8 +38,9 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
-from ..common import (DTYPES, INTERPRET, MIN_DOT, TILES, bn_relu_grad, check_channel_vector, check_device, describe,
-                      dot_acc, dot_options, multiprocessors, pixel_coords, relu, shape_bucket)
+from ..common import (DTYPES, INTERPRET, MIN_DOT, TILES, bn_relu_grad, cdiv, check_channel_vector, check_device,
+                      describe, dot_acc, dot_options, multiprocessors, next_power_of_2, pixel_coords, relu,
+                      shape_bucket, sum_rows)
 from ..configs import launch
 from .forward import k_tile
 
@@ -99,7 +100,7 @@ def _fits(configs, limits, stage_bytes, live, budget):
 
 def _tile_limit(c):
     """Widest useful channel tile for c channels (64 at least: narrower tiles are not offered)."""
-    return max(64, triton.next_power_of_2(c))
+    return max(64, next_power_of_2(c))
 
 
 def prune_dgrad_configs(configs, named_args, **kwargs):
@@ -285,8 +286,8 @@ def wgrad_splits(m, c_out, c_in, device):
     if not TILES.gpu_configs:  # the interpreter's programs run one after another
         target = 4
     else:
-        target = max(1, 2 * multiprocessors(device) // (triton.cdiv(c_out, 128) * triton.cdiv(c_in, 128)))
-    return max(1, min(target, triton.cdiv(m, TILES.min_split_rows)))
+        target = max(1, 2 * multiprocessors(device) // (cdiv(c_out, 128) * cdiv(c_in, 128)))
+    return max(1, min(target, cdiv(m, TILES.min_split_rows)))
 
 
 def _check_activation(name, t):
@@ -342,8 +343,33 @@ def _channels_last(*ts):
     return [t.contiguous(memory_format=torch.channels_last) for t in ts]
 
 
+def _check_dgrad(g, z, weight, coeffs, x_shape, stride, mask, residual, relu_bn, config):
+    _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_M", "BLOCK_N"))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != g.shape[1] \
+            or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] == 0:
+        raise ValueError(f"weight must be (C_out={g.shape[1]}, C_in >= 1, 1, 1), got {describe(weight)}")
+    _check_like("weight", weight, g, "g")
+    if not (isinstance(x_shape, (tuple, list, torch.Size)) and len(x_shape) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in x_shape)):
+        raise ValueError(f"x_shape must be 4 ints (N, C_in, H, W), got {x_shape!r}")
+    if x_shape[1] != weight.shape[1]:
+        raise ValueError(f"x_shape has C_in={x_shape[1]} but weight has C_in={weight.shape[1]}")
+    _check_spatial(x_shape, g, stride, "x_shape")
+    c_in = x_shape[1]
+    if residual is not None:
+        _check_like("residual", residual, g, "g", x_shape)
+    if relu_bn is not None:
+        if stride != 1:
+            raise ValueError(f"relu_bn needs stride 1 (its sums run over output pixels), got stride {stride}")
+        if not isinstance(relu_bn, (tuple, list)) or len(relu_bn) != 5:
+            raise ValueError(f"relu_bn must be (z_in, scale, shift, mean, invstd), got {describe(relu_bn)}")
+        _check_like("relu_bn (z_in)", relu_bn[0], g, "g", x_shape)
+        for name, t in zip(("scale", "shift", "mean", "invstd"), relu_bn[1:]):
+            check_channel_vector(f"relu_bn ({name})", t, c_in, "C_in", g, "g")
+
+
 def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residual=None, relu_bn=None,
-                  config=None):
+                  config=None, check=True):
     """dA (N, C_in, H, W), channels-last in weight's dtype: the gradient w.r.t. the input ``a`` of
     z = conv2d(a, weight, stride=stride), dz rebuilt from (g, z) and ``coeffs = (scale, shift, k1,
     k0)`` (float32, (C_out,)) as in the module docstring, with the ReLU mask when ``mask``.
@@ -357,37 +383,21 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residua
     * ``relu_bn = (z_in, scale, shift, mean, invstd)`` says the conv read a = relu(z_in·scale +
       shift), BatchNorm + ReLU of z_in (N, C_in, H, W) with batch ``mean``/``invstd`` (float32,
       (C_in,)); stride 1 only. dA then carries that ReLU's mask, and the call returns
-      ``(dA, (Σg, Σg·x̂))``: BatchNorm's backward sums over the pixels (float32, (C_in,)), from
-      per-chunk partials (``kernels.batchnorm.stats.relu_bn_grad_epilogue``) summed in a fixed order.
+      ``(dA, (Σg, Σg·x̂))``: the per-chunk partials, (chunks, C_in) float32 each, of BatchNorm's
+      backward sums (``kernels.batchnorm.stats.relu_bn_grad_epilogue``), which
+      ``kernels.batchnorm.stats.bn_grad`` finishes.
+
+    ``check=False`` skips the input checks (the fused bottleneck's launches, checked once at its entry).
     """
-    _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_M", "BLOCK_N"))
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != g.shape[1] \
-            or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] == 0:
-        raise ValueError(f"weight must be (C_out={g.shape[1]}, C_in >= 1, 1, 1), got {describe(weight)}")
-    _check_like("weight", weight, g, "g")
-    if not (isinstance(x_shape, (tuple, list, torch.Size)) and len(x_shape) == 4
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in x_shape)):
-        raise ValueError(f"x_shape must be 4 ints (N, C_in, H, W), got {x_shape!r}")
-    if x_shape[1] != weight.shape[1]:
-        raise ValueError(f"x_shape has C_in={x_shape[1]} but weight has C_in={weight.shape[1]}")
-    _check_spatial(x_shape, g, stride, "x_shape")
+    if check:
+        _check_dgrad(g, z, weight, coeffs, x_shape, stride, mask, residual, relu_bn, config)
     n, c_in, h, w = x_shape
-    if residual is not None:
-        _check_like("residual", residual, g, "g", x_shape)
-    if relu_bn is not None:
-        if stride != 1:
-            raise ValueError(f"relu_bn needs stride 1 (its sums run over output pixels), got stride {stride}")
-        if not isinstance(relu_bn, (tuple, list)) or len(relu_bn) != 5:
-            raise ValueError(f"relu_bn must be (z_in, scale, shift, mean, invstd), got {describe(relu_bn)}")
-        _check_like("relu_bn (z_in)", relu_bn[0], g, "g", x_shape)
-        for name, t in zip(("scale", "shift", "mean", "invstd"), relu_bn[1:]):
-            check_channel_vector(f"relu_bn ({name})", t, c_in, "C_in", g, "g")
     _, c_out, ho, wo = g.shape
     da = torch.empty((n, c_in, h, w), device=g.device, dtype=weight.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
-    sums = grad_sums_partials(triton.cdiv(m, STATS_ROWS), c_in, g.device) if relu_bn is not None else None
+    sums = grad_sums_partials(cdiv(m, STATS_ROWS), c_in, g.device) if relu_bn is not None else None
     if m == 0:
-        return da if sums is None else (da, (sums[0].sum(0), sums[1].sum(0)))
+        return da if sums is None else (da, sums)
     g, z = _channels_last(g, z)
     w2d = weight.reshape(c_out, c_in).contiguous()
     res = _channels_last(residual)[0] if residual is not None else da
@@ -398,30 +408,21 @@ def conv1x1_dgrad(g, z, weight, coeffs, x_shape, stride=1, *, mask=True, residua
         epilogue = [da] + [coeffs[0]] * 6
 
     def grid(meta):  # axis 1: the stride classes (hi % 2, wi % 2)
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]), stride * stride
+        return cdiv(m, meta["BLOCK_M"]) * cdiv(c_in, meta["BLOCK_N"]), stride * stride
     launch(
         _dgrad_kernel, grid, config,
         g, z, w2d, *(c.contiguous() for c in coeffs), da, res, *epilogue, h, w, ho, wo, m, c_in, c_out, stride,
         shape_bucket(m), MASK=mask, RESIDUAL=residual is not None, RELU_BN=relu_bn is not None,
         BLOCK_K=k_tile(c_out), **dot_options(weight.dtype),
     )
-    return da if sums is None else (da, (sums[0].sum(0), sums[1].sum(0)))
+    return da if sums is None else (da, sums)
 
 
-def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scale=None, in_shift=None,
-                  config=None):
-    """dW (C_out, C_in, 1, 1) in x's dtype of z = conv2d(a, W, stride=stride), with a = x, or
-    relu(x · in_scale + in_shift) per input channel when in_scale/in_shift are given (recomputed,
-    as the forward's prologue), and dz rebuilt from (g, z, coeffs) as in ``conv1x1_dgrad``.
-
-    x: (N, C_in, H, W); g, z: (N, C_out, Ho, Wo) of x's dtype. Float32 partials per fixed pixel
-    split, summed in a fixed order: the same bits whatever ``config`` (BLOCK_CO, BLOCK_CI) runs.
-    """
+def _check_wgrad(x, g, z, coeffs, weight_shape, stride, mask, in_scale, in_shift, config):
     _check_activation("x", x)
     _check_common(g, z, coeffs, stride, mask, config, ("BLOCK_CO", "BLOCK_CI"))
     _check_like("g", g, x, "x")
-    n, c_in, h, w = x.shape
-    c_out = g.shape[1]
+    c_in, c_out = x.shape[1], g.shape[1]
     if c_in == 0:
         raise ValueError(f"x has no input channels (shape {tuple(x.shape)})")
     if not (isinstance(weight_shape, (tuple, list, torch.Size))
@@ -430,10 +431,26 @@ def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scal
     _check_spatial(x.shape, g, stride, "x of shape")
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together (the prologue needs both)")
-    prologue = in_scale is not None
-    if prologue:
+    if in_scale is not None:
         check_channel_vector("in_scale", in_scale, c_in, "C_in", x, "x")
         check_channel_vector("in_shift", in_shift, c_in, "C_in", x, "x")
+
+
+def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scale=None, in_shift=None,
+                  config=None, check=True):
+    """dW (C_out, C_in, 1, 1) in x's dtype of z = conv2d(a, W, stride=stride), with a = x, or
+    relu(x · in_scale + in_shift) per input channel when in_scale/in_shift are given (recomputed,
+    as the forward's prologue), and dz rebuilt from (g, z, coeffs) as in ``conv1x1_dgrad``.
+
+    x: (N, C_in, H, W); g, z: (N, C_out, Ho, Wo) of x's dtype. Float32 partials per fixed pixel
+    split, summed in a fixed order: the same bits whatever ``config`` (BLOCK_CO, BLOCK_CI) runs.
+    ``check=False`` skips the input checks (as ``conv1x1_dgrad``'s).
+    """
+    if check:
+        _check_wgrad(x, g, z, coeffs, weight_shape, stride, mask, in_scale, in_shift, config)
+    n, c_in, h, w = x.shape
+    c_out = g.shape[1]
+    prologue = in_scale is not None
     ho, wo = g.shape[2:]
     m = n * ho * wo
     if m == 0:  # a sum over no pixels
@@ -441,13 +458,13 @@ def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scal
     x, g, z = _channels_last(x, g, z)
     splits = wgrad_splits(m, c_out, c_in, x.device)
     block_k = TILES.wgrad_block_k
-    rows = triton.cdiv(triton.cdiv(m, splits), block_k) * block_k
-    splits = triton.cdiv(m, rows)  # no empty split
+    rows = cdiv(cdiv(m, splits), block_k) * block_k
+    splits = cdiv(m, rows)  # no empty split
     # every entry is written: each split covers every (co, ci) tile
     dw_part = torch.empty((splits, c_out, c_in), device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (splits * triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(c_in, meta["BLOCK_CI"]),)
+        return (splits * cdiv(c_out, meta["BLOCK_CO"]) * cdiv(c_in, meta["BLOCK_CI"]),)
     coeffs = [c.contiguous() for c in coeffs]
     launch(
         _wgrad_kernel, grid, config,
@@ -456,4 +473,4 @@ def conv1x1_wgrad(x, g, z, coeffs, weight_shape, stride=1, *, mask=True, in_scal
         h, w, ho, wo, m, c_in, c_out, rows, stride, shape_bucket(m),
         MASK=mask, PROLOGUE=prologue, BLOCK_K=block_k, **dot_options(x.dtype),
     )
-    return dw_part.sum(0).view(c_out, c_in, 1, 1).to(x.dtype)
+    return sum_rows(dw_part, x.dtype).view(c_out, c_in, 1, 1)

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, chunk_stats, partials
-from ..common import (DTYPES, INTERPRET, MIN_DOT, check_channel_vector, check_device, describe, dot_acc, dot_options,
-                      pixel_coords, relu, shape_bucket)
+from ..common import (DTYPES, INTERPRET, MIN_DOT, cdiv, check_channel_vector, check_device, describe, dot_acc,
+                      dot_options, next_power_of_2, pixel_coords, relu, shape_bucket)
 from ..configs import launch
 
 
@@ -49,7 +49,7 @@ ACC_PER_THREAD_BUDGET = {False: 128, True: 64}  # by COMPUTE_STATS
 
 def k_tile(c_in):
     """Input channels per ``tl.dot`` (see the module docstring: fixed by the shape, not tuned)."""
-    return min(MAX_BLOCK_K, max(MIN_DOT, triton.next_power_of_2(c_in)))
+    return min(MAX_BLOCK_K, max(MIN_DOT, next_power_of_2(c_in)))
 
 
 def conv1x1_configs(interpret=INTERPRET):
@@ -72,7 +72,7 @@ def prune_configs(configs, named_args, **kwargs):
     pipelines past STAGE_BYTES_BUDGET and accumulators past ACC_PER_THREAD_BUDGET; the first
     config (the smallest) always survives."""
     elem_size = named_args["x_ptr"].element_size()
-    n_tile = max(MIN_DOT, triton.next_power_of_2(named_args["C_out"]))
+    n_tile = max(MIN_DOT, next_power_of_2(named_args["C_out"]))
     block_k, acc_budget = kwargs["BLOCK_K"], ACC_PER_THREAD_BUDGET[bool(kwargs["COMPUTE_STATS"])]
 
     def fits(c):
@@ -190,7 +190,8 @@ def _check_inputs(x, weight, stride, in_scale, in_shift, config):
                              f"got {config.kwargs}")
 
 
-def conv1x1_forward(x, weight, stride=1, *, in_scale=None, in_shift=None, compute_stats=False, config=None):
+def conv1x1_forward(x, weight, stride=1, *, in_scale=None, in_shift=None, compute_stats=False, config=None,
+                    check=True):
     """z = conv2d(a, weight, stride=stride) with a = x, or relu(x · in_scale + in_shift) per input
     channel when in_scale/in_shift are given. Returns (z, partials or None).
 
@@ -199,7 +200,8 @@ def conv1x1_forward(x, weight, stride=1, *, in_scale=None, in_shift=None, comput
     ``compute_stats``): the per-chunk (mean, M2) of z that ``kernels.batchnorm.stats.bn_stats`` merges, for
     ``count = N·Ho·Wo``. ``config`` forces one triton.Config instead of autotuning (tests).
     """
-    _check_inputs(x, weight, stride, in_scale, in_shift, config)
+    if check:  # check=False: the fused bottleneck's launches, checked once at its entry
+        _check_inputs(x, weight, stride, in_scale, in_shift, config)
     x = x.contiguous(memory_format=torch.channels_last)
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
@@ -213,7 +215,7 @@ def conv1x1_forward(x, weight, stride=1, *, in_scale=None, in_shift=None, comput
     prologue = in_scale is not None
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     mean_part, m2_part = stats if compute_stats else (dummy, dummy)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
     launch(
         _conv1x1_kernel, grid, config,
         x, w2d, in_scale.contiguous() if prologue else dummy, in_shift.contiguous() if prologue else dummy,

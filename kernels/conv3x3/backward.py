@@ -28,12 +28,12 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, STATS_ROWS, grad_sums_partials, relu_bn_grad_epilogue
-from ..common import (TILES, bn_relu_grad, dot_acc, dot_options, pixel_coords, reduction_splits, relu,
-                      shape_bucket)
+from ..common import (TILES, bn_relu_grad, cdiv, dot_acc, dot_options, pixel_coords, reduction_splits, relu,
+                      shape_bucket, sum_rows)
 from ..configs import launch
 from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prefer_l1_loads,
                     prune_configs, prune_wgrad_configs, wgrad_configs, wgrad_taps_per_program, wgrad_tiles)
-from .weights import other_side_chunks, pack_weight
+from .weights import other_side_chunks, pack_weight, transposes
 
 
 
@@ -59,7 +59,8 @@ def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEM
 def _bwd_dx_kernel(
     dy_ptr, z_ptr,  # (N, Ho, Wo, C_out) channels-last
     dz_ptr,  # (N, Ho, Wo, C_out) float32, read instead of (dy, z) when DZ_IN_MEMORY
-    w_ptr,  # (CI_TILES, CO_CHUNKS, 9, BLOCK_CO, BLOCK_CI) packed block-diagonal (kernels/conv3x3/weights.py)
+    w_ptr,  # (CI_TILES, CO_CHUNKS, 9, BLOCK_CO, BLOCK_CI) packed block-diagonal (kernels/conv3x3/weights.py);
+            # W_TRANSPOSED: the forward's (CO_TILES, 1, 9, BLOCK_CI, BLOCK_CO), read transposed
     scale_ptr, shift_ptr, k1_ptr, k0_ptr,  # (C_out,) float32 coefficients of dz
     dx_ptr,  # (N, H, W, C_in) channels-last
     zin_ptr,  # (N, H, W, C_in) channels-last: x = relu(zin·in_scale + in_shift), read when RELU_BN
@@ -73,6 +74,7 @@ def _bwd_dx_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     RELU_BN: tl.constexpr,  # epilogue: ReLU mask of the BN below, and its backward sums
+    W_TRANSPOSED: tl.constexpr,  # w_ptr holds the forward's packing (weights.transposes)
     DZ_IN_MEMORY: tl.constexpr, EVEN_GROUPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M input pixels of one stride-parity class × BLOCK_CI input channels. Each
@@ -95,7 +97,10 @@ def _bwd_dx_kernel(
     mask_ci = (offs_ci < C_in) | EVEN_GROUPS
     co_lo, co_hi = group_channel_range(ci_start, BLOCK_CI, C_in, CIN_G, COUT_G, BLOCK_CO, CO_CHUNKS,
                                        EVEN_GROUPS)
-    w_tile = tl.arange(0, BLOCK_CO)[:, None] * BLOCK_CI + tl.arange(0, BLOCK_CI)[None, :]
+    if W_TRANSPOSED:  # the forward's tile is (BLOCK_CI, BLOCK_CO): loaded as it lies, transposed in registers
+        w_tile = tl.arange(0, BLOCK_CI)[:, None] * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
+    else:
+        w_tile = tl.arange(0, BLOCK_CO)[:, None] * BLOCK_CI + tl.arange(0, BLOCK_CI)[None, :]
     # the linked taps: kh ≡ ph + PAD (mod STRIDE), and likewise kw
     kh0 = (ph + PAD) % STRIDE
     kw0 = (pw + PAD) % STRIDE
@@ -125,6 +130,8 @@ def _bwd_dx_kernel(
             dz = _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY, ".ca")
             # dense, zeros off the diagonal
             b = tl.load(w_chunk + (kh * 3 + kw) * BLOCK_CO * BLOCK_CI + w_tile)
+            if W_TRANSPOSED:
+                b = tl.trans(b)
             acc = dot_acc(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
 
     dx_offs = (((n * H + hi) * W + wi).to(tl.int64) * C_in)[:, None] + offs_ci[None, :]
@@ -259,43 +266,55 @@ def _bwd_dw_kernel(
         _store_dw_row(dw_part_ptr, acc2, pid_s, 2, offs_co, mask_co, offs_ci, mask_ci, C_out, CIN_G, COUT_G)
 
 
-def conv_dx(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None, relu_bn=None):
-    """dx (channels-last, weight's dtype) of the grouped conv; dz read from ``dz`` when given,
-    else rebuilt from (dy, z).
+def conv3x3_dgrad(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None, relu_bn=None,
+            packed=None):
+    """dx (channels-last, z's dtype) of the grouped conv; dz read from ``dz`` when given, else rebuilt
+    from (dy, z). ``weight`` may be float32 with half-precision activations (autocast's master
+    weights): it is packed in z's dtype.
 
     ``relu_bn = (z_in, scale, shift, mean, invstd)``: the conv read x = relu(z_in·scale + shift)
     (the fused bottleneck's BN1 + ReLU; z_in of x_shape, channels-last, the vectors float32
-    (C_in,)). dx then carries that ReLU's mask and the call returns ``(dx, (Σg, Σg·x̂))``,
-    BatchNorm's backward sums of z_in, from per-chunk partials summed in a fixed order."""
+    (C_in,)). dx then carries that ReLU's mask and the call returns ``(dx, (Σg, Σg·x̂))``: the
+    per-chunk partials, (chunks, C_in) float32 each, of BatchNorm's backward sums of z_in, which
+    ``kernels.batchnorm.stats.bn_grad`` finishes.
+
+    ``packed``: the forward's packing of ``weight`` (``forward.pack_for_forward``), read transposed
+    where that is exactly dgrad's (``weights.transposes``: ResNeXt's layers), else ignored and the
+    weight packed here."""
     n, c_in, h, w = x_shape
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
     block_ci, block_co = channel_tiles(cout_g, cin_g)  # tiles the input side, loops the output side
-    packed, co_chunks = pack_weight(weight, groups, block_ci, block_co, tiled_is_out=False)
-    dx = torch.empty((n, c_in, h, w), device=z.device, dtype=weight.dtype,
+    even = even_groups(c_in, cin_g, cout_g, block_ci, block_co)
+    transposed = packed is not None and transposes(cin_g, cout_g, groups, block_co, block_ci, packed[1], even)
+    if transposed:
+        packed, co_chunks = packed
+    else:
+        packed, co_chunks = pack_weight(weight, groups, block_ci, block_co, tiled_is_out=False, dtype=z.dtype)
+    dx = torch.empty((n, c_in, h, w), device=z.device, dtype=z.dtype,
                      memory_format=torch.channels_last)
-    hc, wc = triton.cdiv(h, stride), triton.cdiv(w, stride)  # one stride-parity class's grid
+    hc, wc = cdiv(h, stride), cdiv(w, stride)  # one stride-parity class's grid
     sums = None
     if relu_bn is not None:
         z_in, *vectors = relu_bn
-        sums = grad_sums_partials(stride * stride * triton.cdiv(n * hc * wc, STATS_ROWS), c_in, dx.device)
+        sums = grad_sums_partials(stride * stride * cdiv(n * hc * wc, STATS_ROWS), c_in, dx.device)
         epilogue = [z_in.contiguous(memory_format=torch.channels_last), *vectors, *sums]
     else:
         epilogue = [dx] + [coeffs[0]] * 6
 
     def grid(meta):  # axis 1: the stride-parity classes
-        return triton.cdiv(n * hc * wc, meta["BLOCK_M"]) * triton.cdiv(c_in, block_ci), stride * stride
+        return cdiv(n * hc * wc, meta["BLOCK_M"]) * cdiv(c_in, block_ci), stride * stride
     launch(
         _bwd_dx_kernel, grid, config,
         dy, z, dz if dz is not None else dy, packed, *coeffs, dx, *epilogue,
         n, h, w, c_in, ho, wo, c_out, cin_g, cout_g, co_chunks, hc, wc, stride, padding, shape_bucket(n),
-        BLOCK_CI=block_ci, BLOCK_CO=block_co, RELU_BN=relu_bn is not None, DZ_IN_MEMORY=dz is not None,
-        EVEN_GROUPS=even_groups(c_in, cin_g, cout_g, block_ci, block_co), **dot_options(weight.dtype),
+        BLOCK_CI=block_ci, BLOCK_CO=block_co, RELU_BN=relu_bn is not None, W_TRANSPOSED=transposed,
+        DZ_IN_MEMORY=dz is not None, EVEN_GROUPS=even, **dot_options(packed.dtype),
     )
-    return dx if sums is None else (dx, (sums[0].sum(0), sums[1].sum(0)))
+    return dx if sums is None else (dx, sums)
 
 
-def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None, in_scale=None,
+def conv3x3_wgrad(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None, in_scale=None,
             in_shift=None):
     """dw (weight's shape and dtype) of the grouped conv; dz read from ``dz`` when given, else
     rebuilt from (dy, z). Float32 partials per pixel split, summed in a fixed order. With
@@ -307,14 +326,14 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
     _, c_out, ho, wo = z.shape
     cin_g, cout_g = c_in // groups, c_out // groups
     block_co, block_ci = wgrad_tiles(cin_g, cout_g)
-    co_tiles = triton.cdiv(c_out, block_co)
+    co_tiles = cdiv(c_out, block_co)
     ci_chunks = other_side_chunks(c_out, cout_g, cin_g, block_co, block_ci)
     kh_rows = wgrad_taps_per_program(block_co, block_ci)
     m = n * ho * wo
     splits = reduction_splits(m, x.device)
     block_k = TILES.wgrad_block_k
-    rows = triton.cdiv(triton.cdiv(m, splits), block_k) * block_k
-    splits = triton.cdiv(m, rows)  # no empty split
+    rows = cdiv(cdiv(m, splits), block_k) * block_k
+    splits = cdiv(m, rows)  # no empty split
     # every entry is written: each (co, ci) of a group lies in exactly one (tile, chunk)
     dw_part = torch.empty((splits, c_out, cin_g, 9), device=x.device, dtype=torch.float32)
     launch(
@@ -327,4 +346,4 @@ def conv_dw(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=N
         DZ_IN_MEMORY=dz is not None, EVEN_GROUPS=even_groups(c_out, cout_g, cin_g, block_co, block_ci),
         **dot_options(x.dtype),
     )
-    return dw_part.sum(0).view(c_out, cin_g, 3, 3).to(weight.dtype)
+    return sum_rows(dw_part, weight.dtype).view(c_out, cin_g, 3, 3)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._autotune import autotune
 from ..batchnorm.stats import LOG2_STATS_CHUNK, STATS_CHUNK, chunk_stats, partials
-from ..common import dot_acc, dot_options, pixel_coords, relu, shape_bucket
+from ..common import cdiv, dot_acc, dot_options, pixel_coords, relu, shape_bucket
 from ..configs import launch
 from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_channel_range, prefer_l1_loads,
                     prune_configs)
@@ -113,15 +113,25 @@ def out_size(size, stride, padding):
     return (size + 2 * padding - 3) // stride + 1
 
 
-def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift=None,
-                 compute_stats=False, in_scale=None, in_shift=None, config=None):
+def pack_for_forward(weight, groups, dtype):
+    """``(packed, chunks)``: ``weight`` packed as the forward kernel reads it, in ``dtype`` (one launch;
+    ``conv3x3_forward(packed=...)`` takes it, and ``kernels.conv3x3.backward.conv3x3_dgrad`` reads it
+    transposed where the channels per group match)."""
+    c_out, cin_g = weight.shape[:2]
+    block_co, block_ci = channel_tiles(cin_g, c_out // groups)
+    return pack_weight(weight, groups, block_co, block_ci, tiled_is_out=True, dtype=dtype)
+
+
+def conv3x3_forward(x, weight, groups, stride, padding, *, store, scale=None, shift=None,
+                 compute_stats=False, in_scale=None, in_shift=None, config=None, packed=None):
     """Launch ``_fwd_kernel`` on channels-last ``x``; returns (out or None, stats partials or None).
 
     ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype; the partials are what
     ``kernels.batchnorm.stats.bn_stats`` merges. With ``in_scale``/``in_shift`` ((C_in,) float32) the conv
     reads relu(x·in_scale + in_shift) — the previous layer's BatchNorm + ReLU, applied as x is
     loaded (the fused bottleneck) — zero-padded after that transform, as conv2d pads its input.
-    ``config`` forces one autotune config instead of tuning.
+    ``config`` forces one autotune config instead of tuning; ``packed`` is ``pack_for_forward``'s
+    result for ``weight`` (packed here otherwise).
     """
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must both be given or both be None")
@@ -130,7 +140,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
     ho, wo = out_size(h, stride, padding), out_size(w, stride, padding)
     cin_g, cout_g = c_in // groups, c_out // groups
     block_co, block_ci = channel_tiles(cin_g, cout_g)
-    packed, ci_chunks = pack_weight(weight, groups, block_co, block_ci, tiled_is_out=True, dtype=x.dtype)
+    packed, ci_chunks = packed if packed is not None else pack_for_forward(weight, groups, x.dtype)
     m = n * ho * wo
     out = None
     if store != STORE_NOTHING:
@@ -139,7 +149,7 @@ def conv_forward(x, weight, groups, stride, padding, *, store, scale=None, shift
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     stats = partials(m, c_out, x.device) if compute_stats else None
     mean_part, m2_part = stats if compute_stats else (dummy, dummy)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, block_co),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, block_co),)  # noqa: E731
     launch(
         _fwd_kernel, grid, config,
         x, packed, scale if scale is not None else dummy, shift if shift is not None else dummy,

@@ -12,7 +12,7 @@ is memory-bound (see ``shared/KERNEL-NOTES.md``).
 import triton
 import triton.language as tl
 
-from ..common import INTERPRET, MIN_DOT, TILES
+from ..common import INTERPRET, MIN_DOT, TILES, next_power_of_2
 from ..configs import triton_release
 
 MAX_CHANNEL_TILE = 64
@@ -24,9 +24,9 @@ def channel_tiles(cin_per_group, cout_per_group):
     BLOCK_CO packs P = BLOCK_CO / cout_per_group whole groups when groups are narrow; BLOCK_CI
     then covers exactly those groups' input channels, so the loop over input channels runs once.
     """
-    block_co = min(MAX_CHANNEL_TILE, max(MIN_DOT, triton.next_power_of_2(cout_per_group)))
+    block_co = min(MAX_CHANNEL_TILE, max(MIN_DOT, next_power_of_2(cout_per_group)))
     groups_per_tile = max(1, block_co // cout_per_group)
-    block_ci = min(MAX_CHANNEL_TILE, max(MIN_DOT, triton.next_power_of_2(cin_per_group * groups_per_tile)))
+    block_ci = min(MAX_CHANNEL_TILE, max(MIN_DOT, next_power_of_2(cin_per_group * groups_per_tile)))
     return block_co, block_ci
 
 

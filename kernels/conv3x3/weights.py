@@ -16,12 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import cdiv
+
 
 @triton.jit
 def _pack_weight_kernel(
-    w_ptr,  # (C_out, CIN_G, 3, 3) contiguous
+    w_ptr,  # (C_out, CIN_G, 3, 3), any strides (NCHW or channels_last parameters)
     packed_ptr,  # (T, CHUNKS, 9, BLOCK_O, BLOCK_T) contiguous, the kernels' dtype
     C_T, T_PER_GROUP, O_PER_GROUP, CIN_G, CHUNKS,
+    stride_co, stride_ci, stride_kh, stride_kw,
     # meta-parameters
     TILED_IS_OUT: tl.constexpr,  # the tiled side is C_out (forward) or C_in (dgrad)
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -41,11 +44,11 @@ def _pack_weight_kernel(
         co, ci = offs_t[None, :], offs_o[:, None]
     else:
         co, ci = offs_o[:, None], offs_t[None, :]
-    src = (co * CIN_G + ci % CIN_G) * 9  # w[co, ci - group(ci)·CIN_G, tap]
+    src = co * stride_co + (ci % CIN_G) * stride_ci  # w[co, ci - group(ci)·CIN_G, tap]
     dst = (tile * CHUNKS + chunk) * 9 * BLOCK_O * BLOCK_T + tl.arange(0, BLOCK_O)[:, None] * BLOCK_T \
         + tl.arange(0, BLOCK_T)[None, :]
     for tap in tl.static_range(9):
-        w = tl.load(w_ptr + src + tap, mask=keep, other=0.0)
+        w = tl.load(w_ptr + src + (tap // 3) * stride_kh + (tap % 3) * stride_kw, mask=keep, other=0.0)
         tl.store(packed_ptr + dst + tap * BLOCK_O * BLOCK_T, w.to(packed_ptr.dtype.element_ty))
 
 
@@ -53,7 +56,7 @@ def other_side_chunks(c_tiled, tiled_per_group, other_per_group, block_tiled, bl
     """BLOCK_O chunks of the other side's channels that the widest tile's groups span."""
     spans = [(min(t + block_tiled, c_tiled) - 1) // tiled_per_group - t // tiled_per_group + 1
              for t in range(0, c_tiled, block_tiled)]
-    return triton.cdiv(max(spans) * other_per_group, block_other)
+    return cdiv(max(spans) * other_per_group, block_other)
 
 
 def pack_weight(weight, groups, block_tiled, block_other, *, tiled_is_out, dtype=None):
@@ -66,11 +69,17 @@ def pack_weight(weight, groups, block_tiled, block_other, *, tiled_is_out, dtype
         c_tiled, t_per_group, o_per_group = c_out, cout_g, cin_g
     else:
         c_tiled, t_per_group, o_per_group = cin_g * groups, cin_g, cout_g
-    tiles = triton.cdiv(c_tiled, block_tiled)
+    tiles = cdiv(c_tiled, block_tiled)
     chunks = other_side_chunks(c_tiled, t_per_group, o_per_group, block_tiled, block_other)
     packed = torch.empty((tiles, chunks, 9, block_other, block_tiled), device=weight.device,
                          dtype=dtype or weight.dtype)
     _pack_weight_kernel[(tiles * chunks,)](
-        weight.contiguous(), packed, c_tiled, t_per_group, o_per_group, cin_g, chunks,
+        weight, packed, c_tiled, t_per_group, o_per_group, cin_g, chunks, *weight.stride(),
         TILED_IS_OUT=tiled_is_out, BLOCK_T=block_tiled, BLOCK_O=block_other)
     return packed, chunks
+
+
+def transposes(c_in, c_out, groups, block_co, block_ci, chunks, even):
+    """Whether the forward's packing, read transposed, is exactly dgrad's: the same channels per group
+    on both sides (ResNeXt's), square tiles of whole groups, one chunk. dgrad then needs no packing."""
+    return c_in == c_out and block_co == block_ci and chunks == 1 and even
