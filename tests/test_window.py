@@ -65,7 +65,7 @@ def test_runner_caps_skips_and_packs(tmp_path, monkeypatch):
         window.Step("late", 30, py + ["print('never')"]),
         window.Step("report", 2, py + ["print('report')"]),
     ])
-    monkeypatch.setitem(window.BUDGETS, "test", 14)  # the fill step gets what the others leave
+    monkeypatch.setitem(window.BUDGETS, "test", 20)  # the fill step gets what the others leave
     monkeypatch.setattr(window, "MIN_STEP_S", 2)
     assert window.run("test", tmp_path) == 0
     log = (tmp_path / "window.log").read_text()
