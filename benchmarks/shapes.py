@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ARCHS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "bottleneck_shapes", "conv_flops",
-           "min_bytes", "throughput"]
+__all__ = ["ARCHS", "REGNETS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "regnet_shapes",
+           "bottleneck_shapes", "conv_flops", "min_bytes", "throughput"]
 
 MODES = ("inference", "train_fwd", "train_fwd_bwd")
 
@@ -26,6 +26,15 @@ MODES = ("inference", "train_fwd", "train_fwd_bwd")
 ARCHS = {
     "resnext50_32x4d": ((3, 4, 6, 3), 32, 4),
     "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
+}
+
+# RegNetY (Radosavovic et al. 2020) as timm builds it (regnet.py's width generator, bottleneck ratio
+# 1, widths rounded to the group width): the grouped 3x3 conv's width per stage, and the group width
+# (channels per group: 24 and 112, which no power-of-two channel tile divides). Every stage's first
+# block has stride 2, stage 1's too (the stem's stride-2 conv leaves 112x112).
+REGNETS = {
+    "regnety_016": ((48, 120, 336, 888), 24),
+    "regnety_160": ((224, 448, 1232, 3024), 112),
 }
 
 IMAGE_SIZE = 224
@@ -79,6 +88,18 @@ def block_shapes(arch: str | None = None) -> list[BlockShape]:
             if stage > 1:
                 shapes.append(BlockShape(name, stage, 2, width, groups, size * 2))
             shapes.append(BlockShape(name, stage, 1, width, groups, size))
+    return shapes
+
+
+def regnet_shapes(arch: str | None = None) -> list[BlockShape]:
+    """Every distinct grouped-conv shape of a RegNet of ``REGNETS`` (all when None), stage order."""
+    shapes = []
+    for name in ([arch] if arch else REGNETS):
+        widths, group_width = REGNETS[name]
+        for stage, width in enumerate(widths, 1):
+            size = IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
+            shapes.append(BlockShape(name, stage, 2, width, width // group_width, size * 2))
+            shapes.append(BlockShape(name, stage, 1, width, width // group_width, size))
     return shapes
 
 

@@ -1,4 +1,5 @@
-"""Block benchmarks: one grouped 3x3 conv + BN + ReLU at every grouped-conv shape of ResNeXt.
+"""Block benchmarks: one grouped 3x3 conv + BN + ReLU at every grouped-conv shape of ResNeXt, and of
+two RegNetYs (regnety_016, regnety_160: 24 and 112 channels per group, ``benchmarks.shapes.REGNETS``).
 
 Providers, all on the same random parameters and inputs:
 
@@ -42,7 +43,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.shapes import MODES, block_shapes, conv_flops, min_bytes, throughput
+from benchmarks.shapes import MODES, block_shapes, conv_flops, min_bytes, regnet_shapes, throughput
 from kernels.reference import ConvBNReLU
 
 PROVIDERS = ("cudnn", "fused", "compile")  # cudnn first: the others' speedups are relative to it
@@ -55,7 +56,8 @@ SLEEP_CYCLES = 2_000_000
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        cases = list(itertools.product(block_shapes(), metafunc.config.bench_dtypes, MODES, PROVIDERS))
+        shapes = block_shapes() + regnet_shapes()  # ResNeXt's, then RegNetY's (24 and 112 per group)
+        cases = list(itertools.product(shapes, metafunc.config.bench_dtypes, MODES, PROVIDERS))
         ids = [f"{s.id}-{d}-{m}-{p}" for s, d, m, p in cases]
         metafunc.parametrize("case", cases, ids=ids)
 

@@ -13,7 +13,8 @@ and stride 2 on the grouped conv of stages 2 and 3 (depth = 9 * blocks_per_stage
 Every aggregated transformation (grouped 3x3 conv -> BN -> ReLU) can run as one fused Triton op:
 ``fuse_kernels(model)`` flips a plain bool on every :class:`Bottleneck`, so no module, parameter,
 buffer or state_dict key changes, and ``unfuse_kernels(model)`` flips it back. The same two calls
-patch torchvision's and timm's ResNet/ResNeXt bottlenecks in place (``resnext/patch.py``). The
+patch torchvision's and timm's ResNet/ResNeXt bottlenecks and RegNet blocks in place
+(``resnext/patch.py``). The
 kernels are imported lazily, so ``import resnext`` never imports Triton kernels and a caller can
 still switch Triton's interpreter on first (``kernels.auto_select_backend()``).
 """
@@ -231,85 +232,113 @@ class CifarResNeXt(_ResNeXtBase):
 
 
 def _blocks(model: nn.Module):
-    """``(ours, theirs)``: our Bottlenecks, and ``(name, block)`` of torchvision's / timm's."""
-    ours, theirs = [], []
+    """``(name, block, kind)`` of every block to switch: ours (kind ``resnext.Bottleneck``) and
+    torchvision's / timm's (``resnext.patch.BLOCK_NAMES``), in ``named_modules`` order."""
+    found = []
     for name, m in model.named_modules():
-        if isinstance(m, Bottleneck):
-            ours.append(m)
-        elif _patch.block_kind(m) is not None:
-            theirs.append((name or "<model>", m))
-    if not ours and not theirs:
+        kind = "resnext.Bottleneck" if isinstance(m, Bottleneck) else _patch.block_kind(m)
+        if kind is not None:
+            found.append((name or "<model>", m, kind))
+    if not found:
         looked_for = ", ".join(("resnext.Bottleneck",) + _patch.BLOCK_NAMES)
         raise ValueError(f"{type(model).__name__} holds no resnext.Bottleneck blocks, nor any other block "
                          f"with a grouped 3x3 conv -> BN -> ReLU to (un)fuse; looked for {looked_for}")
-    return ours, theirs
+    return found
+
+
+def _unfusable_reason(block: nn.Module, level: str) -> Optional[str]:
+    """Why ``level`` cannot run ``block`` exactly, or None. Ours are not checked at the conv level: the op
+    checks its inputs at every call."""
+    if not isinstance(block, Bottleneck):
+        return _patch.unfusable_reason(block, level)
+    if level == "conv":
+        return None
+    from kernels.bottleneck import unfusable_reason
+
+    return unfusable_reason(block)
+
+
+def _by_reason(refused) -> str:
+    """``"a, b (kind): why; c (kind): other reason"``: the refused blocks on one line, grouped by why."""
+    groups = {}
+    for name, _, kind, why in refused:
+        groups.setdefault((kind, why), []).append(name)
+    return "; ".join(f"{', '.join(names)} ({kind}): {why}" for (kind, why), names in groups.items())
+
+
+def _refuse(model: nn.Module, refused, total: int, level: str, strict: bool) -> None:
+    """Raise when strict or nothing else is fusable (then nothing was changed: a line per refused block),
+    else warn once, on one line (logs keep it whole); either way naming every refused block, its kind
+    and why."""
+    fusable, model_name = total - len(refused), type(model).__name__
+    if not strict and fusable:
+        warnings.warn(f"fuse_kernels: left {len(refused)} of {total} blocks of {model_name} to PyTorch: "
+                      f"{_by_reason(refused)}", stacklevel=4)
+        return
+    lines = "\n".join(f"  {name} ({kind}): {why}" for name, _, kind, why in refused)
+    hint = ""
+    if fusable:
+        args = "strict=False" if level == "conv" else "level='block', strict=False"
+        hint = f"; fuse_kernels(model, {args}) fuses the other {fusable} and leaves these to PyTorch"
+    if level == "block":  # say where the conv level still applies (ours: not checked before their first call)
+        conv_ok = sum(not isinstance(b, Bottleneck) and _patch.unfusable_reason(b, "conv") is None
+                      for _, b, _, _ in refused)
+        if conv_ok:
+            hint += f"; level='conv' (the default) fuses the grouped conv + BN + ReLU of {conv_ok} of these"
+    what = "the fused op" if level == "conv" else "the fused bottleneck"
+    raise ValueError(f"{model_name}: {what} cannot compute {len(refused)} of its {total} blocks exactly, "
+                     f"nothing was changed{hint}:\n{lines}")
+
+
+def _switch(block: nn.Module, level) -> None:
+    """One block to ``level`` ("conv", "block") or back to PyTorch (False): ours by their flag, theirs by
+    patching their forward (``resnext/patch.py``)."""
+    if isinstance(block, Bottleneck):
+        block.fused_kernels = level
+    elif level:
+        _patch.patch_block(block, level)
+    else:
+        _patch.unpatch_block(block)
 
 
 def _set_fused(model: nn.Module, value, strict: bool = True) -> nn.Module:
-    ours, theirs = _blocks(model)
-    if value == "block" and theirs:
-        names = ", ".join(name for name, _ in theirs[:3])
-        raise ValueError(f"fuse_kernels(level='block') runs resnext.Bottleneck blocks only; {type(model).__name__} "
-                         f"has torchvision's or timm's ({names}...): use level='conv' for those")
-    if not value:
-        for _, block in theirs:
-            _patch.unpatch_block(block)
-    else:
-        refused = [(name, block, _patch.unfusable_reason(block)) for name, block in theirs]
-        refused = [(name, block, why) for name, block, why in refused if why is not None]
-        total = len(ours) + len(theirs)
-        fusable = total - len(refused)
-        if refused:  # checked for every block before any is changed: all or nothing when strict
-            lines = "\n".join(f"  {name} ({_patch.block_kind(block)}): {why}" for name, block, why in refused)
-            if strict or not fusable:
-                hint = (f"; fuse_kernels(model, strict=False) fuses the other {fusable} and leaves these "
-                        "to PyTorch" if fusable else "")
-                raise ValueError(f"{type(model).__name__}: the fused op cannot compute {len(refused)} of its "
-                                 f"{total} blocks exactly, nothing was changed{hint}:\n{lines}")
-            warnings.warn(f"fuse_kernels: left {len(refused)} of {total} blocks of {type(model).__name__} "
-                          f"to PyTorch:\n{lines}", stacklevel=3)
-        refused_ids = {id(block) for _, block, _ in refused}
-        for _, block in theirs:
-            if id(block) not in refused_ids:
-                _patch.patch_block(block)
+    blocks = _blocks(model)
     left = set()
-    if value == "block":
-        from kernels.bottleneck import unfusable_reason
-
-        names = {id(m): name for name, m in model.named_modules()}
-        refused = [(names[id(b)], b, why) for b in ours if (why := unfusable_reason(b)) is not None]
-        if refused:  # as above: all or nothing when strict
-            lines = "\n".join(f"  {name}: {why}" for name, _, why in refused)
-            if strict or len(refused) == len(ours):
-                hint = ("; fuse_kernels(model, level='block', strict=False) fuses the others and leaves these "
-                        "to PyTorch" if len(refused) < len(ours) else "")
-                raise ValueError(f"{type(model).__name__}: the fused bottleneck cannot compute {len(refused)} of "
-                                 f"its {len(ours)} blocks exactly, nothing was changed{hint}:\n{lines}")
-            warnings.warn(f"fuse_kernels: left {len(refused)} of {len(ours)} blocks of {type(model).__name__} "
-                          f"to PyTorch:\n{lines}", stacklevel=3)
-            left = {id(b) for _, b, _ in refused}
-    for block in ours:
-        block.fused_kernels = False if id(block) in left else value
+    if value:  # every block is checked before any is changed: all or nothing when strict
+        refused = [(name, block, kind, why) for name, block, kind in blocks
+                   if (why := _unfusable_reason(block, value)) is not None]
+        if refused:
+            _refuse(model, refused, len(blocks), value, strict)
+            left = {id(block) for _, block, _, _ in refused}
+    for _, block, _ in blocks:
+        _switch(block, False if id(block) in left else value)
     return model
 
 
 def fuse_kernels(model: nn.Module, strict: bool = True, level: str = "conv") -> nn.Module:
     """Run every block's grouped conv + BN + ReLU as the fused Triton op, in place; returns ``model``.
 
-    ``level="block"`` runs each whole :class:`Bottleneck` through the Triton kernels instead (1x1
-    GEMMs with BatchNorm statistics in their epilogues and BN + ReLU applied as the next conv loads
-    its input; ``kernels/bottleneck.py``): no PyTorch convolution or BatchNorm inside a block.
-    This package's blocks only, for now.
+    ``level="block"`` runs each whole bottleneck through the Triton kernels instead (1x1 GEMMs with
+    BatchNorm statistics in their epilogues and BN + ReLU applied as the next conv loads its input;
+    ``kernels/bottleneck.py``): no PyTorch convolution or BatchNorm inside a block. This package's
+    :class:`Bottleneck`, and torchvision's and timm's ResNet ``Bottleneck`` where they are plain (ReLU,
+    nn.BatchNorm2d, no SE, anti-aliasing, DropBlock or drop-path, a 1x1-conv or no downsample).
 
-    Blocks: this package's :class:`Bottleneck`, and torchvision's and timm's ResNet ``Bottleneck``
-    (``torchvision.models.resnext50_32x4d()``, ``timm.create_model("resnext50_32x4d")``, a detection
-    backbone...), patched per instance (see :mod:`resnext.patch`); ResNets with groups=1 fuse too.
-    Works in train and eval mode; the model keeps its class, modules, parameters, buffers and
-    state_dict keys, so checkpoints, optimizers and training scripts work unchanged.
+    Blocks: this package's :class:`Bottleneck`; torchvision's and timm's ResNet ``Bottleneck``
+    (``torchvision.models.resnext50_32x4d()``, ``timm.create_model("seresnext50_32x4d")``, a detection
+    backbone...; ResNets with groups=1 fuse too) and RegNet blocks (``torchvision.models.regnet_y_1_6gf()``,
+    ``timm.create_model("regnetx_032")``: the grouped conv2 with its BatchNorm and ReLU; their SE runs in
+    PyTorch), patched per instance (see :mod:`resnext.patch`). Works in train and eval mode (and with
+    BatchNorms in eval mode inside a model in train mode, mmdetection's ``norm_eval``); the model keeps
+    its class, modules, parameters, buffers and state_dict keys, so checkpoints, optimizers and
+    training scripts work unchanged.
 
-    A block the op cannot compute exactly (a dilated conv2, DropBlock or a non-ReLU activation after
-    bn2, ...) raises a ValueError naming it and why, and nothing is changed; with ``strict=False``
-    such blocks stay on PyTorch with a warning. A model with no such block at all is a ValueError.
+    A block that ``level`` cannot compute exactly (a dilated conv2, DropBlock or a non-ReLU activation
+    after bn2, timm's BatchNormAct2d with SiLU, an SE module at the block level, ...) raises one
+    ValueError naming every such block and why (a line each), and nothing is changed; with
+    ``strict=False`` such blocks are left to PyTorch (not to another level) and one warning, one line,
+    names them, grouped by why. A model with no block at all, or none that ``level`` can compute, is a
+    ValueError.
     Imports the kernels now, so switch Triton's interpreter on first on a machine without a GPU.
     """
     if level not in LEVELS:

@@ -418,9 +418,10 @@ def test_gpu_slug():
 def _bench_cases() -> int:
     from benchmarks import test_block_bench, test_bottleneck_bench, test_model_bench, test_patch_bench
     from benchmarks.conftest import ALL_DTYPES
-    from benchmarks.shapes import MODES
+    from benchmarks.shapes import MODES, regnet_shapes
 
-    blocks = len(block_shapes()) * len(ALL_DTYPES) * len(MODES) * len(test_block_bench.PROVIDERS)
+    shapes = len(block_shapes()) + len(regnet_shapes())
+    blocks = shapes * len(ALL_DTYPES) * len(MODES) * len(test_block_bench.PROVIDERS)
     models = len(test_model_bench.ARCHS) * len(test_model_bench.MODES) * len(test_model_bench.PROVIDERS)
     bottlenecks = (len(test_bottleneck_bench.bottleneck_shapes()) * len(test_bottleneck_bench.MODES)
                    * len(test_bottleneck_bench.PROVIDERS))
@@ -438,10 +439,10 @@ def test_benchmarks_skip_without_gpu():
                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     cases = _bench_cases()
-    # 14 shapes x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 4 providers
+    # (14 ResNeXt + 16 RegNetY shapes) x 3 dtypes x 3 modes x 3 providers + 2 models x 2 modes x 4 providers
     # + torchvision's resnext50_32x4d patched and not, 2 modes
     # + 16 bottlenecks x 2 modes x 4 providers
-    assert cases == 378 + 16 + 4 + 128
+    assert cases == 810 + 16 + 4 + 128
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{cases} skipped"), lines[-1]
     assert "passed" not in lines[-1] and "failed" not in lines[-1], lines[-1]

@@ -1,10 +1,12 @@
-"""torchvision's and timm's ResNet/ResNeXt models patched in place by ``resnext.fuse_kernels``.
+"""torchvision's and timm's ResNet/ResNeXt and RegNet models patched in place by ``resnext.fuse_kernels``.
 
 The evidence is the real packages: their models patched vs unpatched (outputs in eval and train,
 every gradient and running statistic, state_dict keys, classes), and that PyTorch is left no
 convolution with a block's conv2 weight, forward or backward (a ``TorchDispatchMode`` sees every
-``aten.convolution`` and ``aten.convolution_backward``). They run wherever torchvision (and, for
-timm's, timm) can be imported, and skip with the reason elsewhere (neither is a dependency).
+``aten.convolution`` and ``aten.convolution_backward``); their ResNeXts also at the block level
+(``level="block"``). They run wherever torchvision (and, for timm's, timm) can be imported, and skip
+with the reason elsewhere (neither is a dependency). tests/test_adoption.py checks the same (and
+more: refusals, frozen and eval-mode BatchNorms, group widths) on stand-ins, everywhere.
 
 torchvision's CUDA wheels do not import on a CPU-only torch: their C++ ops need libc10_cuda.so, and
 ``torchvision/__init__.py`` then registers fake kernels for ops that were never defined
@@ -168,10 +170,21 @@ def _assert_same_structure(model, ref):
     assert [n for n, _ in model.named_buffers()] == [n for n, _ in ref.named_buffers()]
 
 
+def _conv2_weight(block):
+    """The weight of the grouped 3x3 conv the fused op computes: ``conv2`` (ResNet), ``conv2.conv``
+    (timm's RegNet), ``f.b[0]`` (torchvision's RegNet)."""
+    kind = patch.block_kind(block)
+    if kind == "timm.models.regnet.Bottleneck":
+        return block.conv2.conv.weight
+    if kind == "torchvision.models.regnet.ResBottleneckBlock":
+        return block.f.b[0].weight
+    return block.conv2.weight
+
+
 def _assert_no_conv2_left(calls, model):
     """No convolution PyTorch ran used a block's conv2 weight, and none was grouped except timm's
     anti-aliasing blur (a fixed depthwise 3x3 filter that follows the fused part)."""
-    conv2 = {b.conv2.weight.data_ptr() for b in _blocks(model)}
+    conv2 = {_conv2_weight(b).data_ptr() for b in _blocks(model)}
     blur = {m.filt.data_ptr() for m in model.modules() if type(m).__name__ == "BlurPool2d"}
     assert not [c for c in calls if c[0] in conv2], "a conv2 ran in PyTorch"
     assert not [c for c in calls if c[1] > 1 and c[0] not in blur], "a grouped convolution ran in PyTorch"
@@ -210,12 +223,28 @@ def _timm_se_blur(timm):  # seresnext + resnetblur + stochastic depth: aa, se, d
                                      block_args=dict(attn_layer="se"))
 
 
+def _tv_regnet(tv):  # torchvision's RegNetY trunk at 5 (odd) and 24 channels per group
+    regnet = importlib.import_module("torchvision.models.regnet")
+    params = regnet.BlockParams(depths=[1, 1], widths=[15, 48], group_widths=[5, 24], bottleneck_multipliers=[1.0, 1.0],
+                                strides=[1, 2], se_ratio=0.25)
+    return regnet.RegNet(params, num_classes=10, stem_width=16)
+
+
+def _timm_regnet(timm):  # timm's RegNetY blocks (timm >= 0.6: group_size) behind a ConvNormAct stem
+    block = timm.models.regnet.Bottleneck
+    return nn.Sequential(_timm_layers(timm).ConvNormAct(3, 16, 3, stride=2),
+                         block(16, 15, 1, group_size=5, se_ratio=0.25), block(15, 48, 2, group_size=24, se_ratio=0.25),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+
+
 CASES = {  # name: (package fixture, builder, train modes)
     "tv-resnext": ("tv", _tv_resnext, (False, True)),
     "tv-resnet-groups1": ("tv", _tv_resnet, (True,)),
     "tv-frozen-bn": ("tv", _tv_frozen_bn, (True,)),  # FrozenBatchNorm2d: the same maths in eval
     "timm-resnext": ("timm", _timm_resnext, (False, True)),
     "timm-se-blur-droppath": ("timm", _timm_se_blur, (True,)),
+    "tv-regnety": ("tv", _tv_regnet, (False, True)),
+    "timm-regnety": ("timm", _timm_regnet, (False, True)),
 }
 
 
@@ -230,7 +259,7 @@ def test_patched_matches_unpatched(name, train, request, device):
     before = model.state_dict(keep_vars=True)
     assert resnext.fuse_kernels(model) is model
     blocks = _blocks(model)
-    assert len(blocks) == 4 and all(patch.is_patched(b) for b in blocks)
+    assert len(blocks) == (2 if "regnet" in name else 4) and all(patch.is_patched(b) for b in blocks)
     _assert_same_structure(model, ref)
     after = model.state_dict(keep_vars=True)
     assert all(after[k] is before[k] for k in before)  # the very same tensors, not copies
@@ -240,7 +269,7 @@ def test_patched_matches_unpatched(name, train, request, device):
     out_ref, dx_ref, convs_ref = _run(ref, x, head)
     out, dx, convs = _run(model, x, head)
 
-    assert {c[0] for c in convs_ref} >= {b.conv2.weight.data_ptr() for b in _blocks(ref)}  # the spy sees them
+    assert {c[0] for c in convs_ref} >= {_conv2_weight(b).data_ptr() for b in _blocks(ref)}  # the spy sees them
     _assert_no_conv2_left(convs, model)
     # float32 both; the differences are float32 reductions summed in another order
     _assert_close(out, out_ref, atol=1e-5)
@@ -253,8 +282,44 @@ def test_patched_matches_unpatched(name, train, request, device):
         _assert_close(b, ref_buffers[n], n, atol=1e-5, rtol=1e-5)
 
     assert resnext.unfuse_kernels(model) is model
-    assert not any(patch.is_patched(b) or "forward" in vars(b) for b in blocks)
+    assert not any(patch.is_patched(b) for b in blocks) and not any("forward" in vars(m) for m in model.modules())
     _assert_same_structure(model, ref)
+
+
+@pytest.mark.parametrize("name, train", [("tv-resnext", True), ("tv-resnext", False), ("timm-resnext", True),
+                                         ("timm-resnext", False)])
+def test_block_level_matches_unpatched(name, train, request, device):
+    """``fuse_kernels(model, level="block")`` on the real packages' plain ResNeXt: every Bottleneck through
+    kernels.bottleneck.fused_bottleneck (no PyTorch conv or BatchNorm inside one), the unpatched
+    model's outputs, gradients and running statistics; unfuse_kernels undoes it."""
+    package, build, _ = CASES[name]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    ref = _randomize_bn(build(request.getfixturevalue(package)), gen).to(device).train(train)
+    model = resnext.fuse_kernels(copy.deepcopy(ref), level="block")
+    blocks = _blocks(model)
+    assert len(blocks) == 4 and all(patch.patched_level(b) == "block" for b in blocks)
+    _assert_same_structure(model, ref)
+    inside = []
+    for b in blocks:
+        for m in b.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.register_forward_hook(lambda m, a, o: inside.append(m))
+    x = torch.randn(2, 3, 48, 48, generator=gen).to(device)
+    head = torch.randn(2, 10, generator=gen).to(device)
+    out_ref, dx_ref, _ = _run(ref, x, head)
+    out, dx, _ = _run(model, x, head)
+    assert not inside, "a PyTorch conv or BatchNorm ran inside a fused block"
+    _assert_close(out, out_ref, atol=1e-5)
+    _assert_close(dx, dx_ref)
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        _assert_close(p.grad, ref_params[n].grad, n)
+    ref_buffers = dict(ref.named_buffers())
+    for n, b in model.named_buffers():
+        _assert_close(b, ref_buffers[n], n, atol=1e-5, rtol=1e-5)
+    resnext.unfuse_kernels(model)
+    assert not any(patch.is_patched(b) or "forward" in vars(b) for b in blocks)
 
 
 def test_optimizer_made_before_patching_trains_the_same(tv, device):
@@ -330,6 +395,10 @@ FULL_SIZE = {  # name: (package, builder, blocks)
     "timm-resnext50_32x4d": ("timm", lambda _, timm: timm.create_model("resnext50_32x4d"), 16),
     "timm-seresnext50_32x4d": ("timm", lambda _, timm: timm.create_model("seresnext50_32x4d"), 16),
     "timm-resnet50d": ("timm", lambda _, timm: timm.create_model("resnet50d"), 16),
+    "tv-regnet_y_1_6gf": ("tv", lambda *_: importlib.import_module("torchvision.models.regnet").regnet_y_1_6gf(), 27),
+    "tv-regnet_x_3_2gf": ("tv", lambda *_: importlib.import_module("torchvision.models.regnet").regnet_x_3_2gf(), 25),
+    "timm-regnetx_032": ("timm", lambda _, timm: timm.create_model("regnetx_032"), 25),
+    "timm-regnety_032": ("timm", lambda _, timm: timm.create_model("regnety_032"), 21),
 }
 
 
@@ -346,7 +415,35 @@ def test_full_size_models_patch_in_place(name, thirdparty, request):
     _assert_same_structure(model, ref)
     assert all(v is before[k] for k, v in model.state_dict(keep_vars=True).items())
     resnext.unfuse_kernels(model)
-    assert not any("forward" in vars(b) for b in blocks)
+    assert not any(patch.is_patched(b) for b in blocks) and not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["tv-resnext50_32x4d", "tv-resnet50", "timm-resnext50_32x4d"])
+def test_full_size_resnext_patch_at_the_block_level(name, thirdparty, request):
+    package, build, n_blocks = FULL_SIZE[name]
+    request.getfixturevalue(package)
+    with torch.device("meta"):
+        model = build(thirdparty.tv, thirdparty.timm)
+    resnext.fuse_kernels(model, level="block")
+    assert [patch.patched_level(b) for b in _blocks(model)] == ["block"] * n_blocks
+
+
+@pytest.mark.parametrize("name, why", [
+    ("timm-seresnext50_32x4d", "se is SEModule: the fused bottleneck has no squeeze-and-excitation"),
+    ("timm-resnet50d", "downsample is Sequential("),
+    ("tv-regnet_y_1_6gf", "level='block' runs torchvision's and timm's ResNet Bottleneck only"),
+])
+def test_full_size_block_level_refusals(name, why, thirdparty, request):
+    package, build, n_blocks = FULL_SIZE[name]
+    request.getfixturevalue(package)
+    with torch.device("meta"):
+        model = build(thirdparty.tv, thirdparty.timm)
+    with pytest.raises(ValueError, match="nothing was changed") as err:
+        resnext.fuse_kernels(model, level="block")
+    assert why in str(err.value) and "level='conv' (the default) fuses" in str(err.value)
+    assert not any(patch.is_patched(b) for b in _blocks(model))
+    resnext.fuse_kernels(model)  # the conv level still applies
+    assert [patch.patched_level(b) for b in _blocks(model)] == ["conv"] * n_blocks
 
 
 @pytest.mark.skipif(INTERPRET, reason="a full resnext50_32x4d takes ~20 s a forward through the interpreter")
