@@ -101,9 +101,7 @@ def _autotuner_run(self, *args, **kwargs):
 
     self.nargs = dict(zip(self.arg_names, args))
     kept = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
-    tables = (configs.TABLES / f"{configs.table_name(GPU_NAME)}.json",
-              configs.TABLES / "sm_{}{}.json".format(*GPU_CAPABILITY))
-    chosen = configs.pick(self, dict(self.nargs), kwargs, tables)
+    chosen = configs.pick(self, dict(self.nargs), kwargs, configs.tables_of(GPU_NAME, GPU_CAPABILITY))
     ret = None
     wanted = {"all": self.configs, "kept": kept, "chosen": [chosen]}[COMPILE]
     for config in wanted:

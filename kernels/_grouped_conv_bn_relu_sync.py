@@ -64,7 +64,7 @@ class SyncGroupedConvBNReLU(torch.autograd.Function):
         packed = forward.pack_for_forward(weight, groups, x.dtype)
         if local:
             z, partials = forward.conv3x3_forward(x_cl, weight, groups, stride, padding, store=forward.STORE_Z,
-                                               compute_stats=True, packed=packed)
+                                                  compute_stats=True, packed=packed)
             mean_l, m2_l = local_stats(partials, local)
         else:  # an empty rank still takes part in the collectives
             z = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)

@@ -33,15 +33,13 @@ import torch
 import torch.nn as nn
 
 from .batchnorm.modules import bn_call_args
-from .batchnorm.stats import bn_fold, bn_grad, bn_stats
+from .batchnorm.stats import bn_grad, bn_stats
 from .batchnorm.tail import tail_backward, tail_forward
-from .common import DTYPES, VersionedCache, check_device, on_device
+from .common import DTYPES, check_device, on_device
 from .conv1x1.backward import conv1x1_dgrad, conv1x1_wgrad
 from .conv1x1.forward import conv1x1_forward
 from .conv3x3 import backward, forward
-from .conv3x3.compose import FOLDED, PACKED
-
-_GAMMA_BETA = VersionedCache()  # BatchNorms without affine parameters: γ = 1, β = 0
+from .conv3x3.compose import constant, frozen_fold, packed_weight
 
 
 class BN(NamedTuple):
@@ -69,10 +67,8 @@ class Fold(NamedTuple):
 def _bn_args(bn, c, device):
     """The call's ``BN`` of an nn.BatchNorm2d, doing its bookkeeping as its forward does."""
     momentum, use_batch, running_mean, running_var, tracked = bn_call_args(bn)
-    gamma, beta = bn.weight, bn.bias
-    if gamma is None or beta is None:
-        gamma, beta = _GAMMA_BETA.get((), (c, device), lambda: (torch.ones(c, device=device),
-                                                                torch.zeros(c, device=device)))
+    gamma = bn.weight if bn.weight is not None else constant(1.0, c, device)
+    beta = bn.bias if bn.bias is not None else constant(0.0, c, device)
     return BN(gamma, beta, running_mean, running_var, tracked, bn.eps, momentum, use_batch)
 
 
@@ -80,14 +76,10 @@ def _fold(parts, count, bn, cached):
     """The ``Fold`` of one BatchNorm: from the conv's chunk statistics when it normalises with batch
     statistics (running statistics and num_batches_tracked updated), else from its buffers (reused
     while they are unchanged, when ``cached``)."""
-    gamma, beta = bn.gamma.detach(), bn.beta.detach()
     if bn.batch_stats:
-        return Fold(*bn_stats(parts, count, gamma, beta, bn.running_mean, bn.running_var, bn.eps, bn.momentum,
+        return Fold(*bn_stats(parts, count, bn.gamma, bn.beta, bn.running_mean, bn.running_var, bn.eps, bn.momentum,
                               bn.tracked))
-    rm, rv = bn.running_mean, bn.running_var
-    if not cached:
-        return Fold(*bn_fold(gamma, beta, rm, rv, bn.eps))
-    return Fold(*FOLDED.get((bn.gamma, bn.beta, rm, rv), bn.eps, lambda: bn_fold(gamma, beta, rm, rv, bn.eps)))
+    return Fold(*frozen_fold(bn.gamma, bn.beta, bn.running_mean, bn.running_var, bn.eps, reuse=cached))
 
 
 def _coeffs(fold, grads):
@@ -103,10 +95,7 @@ class _FusedBottleneck(torch.autograd.Function):
         n, _, h, w = x.shape
         z1, p1 = conv1x1_forward(x, w1, 1, compute_stats=bn1.batch_stats, check=False)
         f1 = _fold(p1, n * h * w, bn1, not grad)
-        if grad:  # weights change between training steps: packed afresh, kept for dgrad
-            packed = forward.pack_for_forward(w2, groups, x.dtype)
-        else:
-            packed = PACKED.get((w2,), (groups, x.dtype), lambda: forward.pack_for_forward(w2, groups, x.dtype))
+        packed = packed_weight(w2, groups, x.dtype, reuse=not grad)  # kept for dgrad
         z2, p2 = forward.conv3x3_forward(z1, w2, groups, stride, 1, store=forward.STORE_Z,
                                          compute_stats=bn2.batch_stats, in_scale=f1.scale, in_shift=f1.shift,
                                          packed=packed)
@@ -156,8 +145,8 @@ class _FusedBottleneck(torch.autograd.Function):
         # transposed, gives g1 and BN1's sums likewise
         dw2 = backward.conv3x3_wgrad(z1, g2, z2, w2, c2, groups, stride, 1, in_scale=f1.scale, in_shift=f1.shift)
         g1, s1 = backward.conv3x3_dgrad(g2, z2, w2, c2, z1.shape, groups, stride, 1,
-                                  relu_bn=(z1, f1.scale, f1.shift, f1.mean, f1.invstd),
-                                  packed=(packed, packed.shape[1]))
+                                        relu_bn=(z1, f1.scale, f1.shift, f1.mean, f1.invstd),
+                                        packed=(packed, packed.shape[1]))
         d1 = bn_grad(*s1, f1.scale, f1.mean, f1.invstd, count1, t1)
         c1 = _coeffs(f1, d1)
         dw1 = conv1x1_wgrad(x, g1, z1, c1, w1.shape, 1, mask=False, check=False)

@@ -174,6 +174,15 @@ def _bump_versions(training, *tensors):
         torch.autograd.graph.increment_version([t for t in tensors if t is not None and not t.is_inference()])
 
 
+def _no_grad_call(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride, padding,
+                  groups, eps, momentum, training):
+    """y of a call no gradient will be asked for (z never stored), on x's device; inputs checked."""
+    _bump_versions(training, running_mean, running_var, num_batches_tracked)
+    with on_device(x):
+        return forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
+                            padding, groups, eps, momentum, training, save=False)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd: one Function, over the launchers (eager) or over the internal ops (traced)
 
@@ -270,10 +279,8 @@ def _op_impl(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride
              eps=1e-5, momentum=0.1, training=False, num_batches_tracked=None):
     _check_inputs(x, weight, _bn(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked), stride,
                   padding, groups, eps, momentum, training)
-    _bump_versions(training, running_mean, running_var, num_batches_tracked)
-    with on_device(x):
-        return forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
-                            padding, groups, eps, momentum, training, save=False)[0]
+    return _no_grad_call(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
+                         padding, groups, eps, momentum, training)
 
 
 def _op_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, groups=1,
@@ -346,14 +353,12 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
         return _OP(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
                    groups=groups, eps=eps, momentum=momentum, training=training,
                    num_batches_tracked=num_batches_tracked)
+    if not _needs_grad(x, weight, bn_weight, bn_bias):
+        return _no_grad_call(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
+                             padding, groups, eps, momentum, training)
     with on_device(x):
-        if _needs_grad(x, weight, bn_weight, bn_bias):
-            return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                            num_batches_tracked, stride, padding, groups, eps, momentum, training,
-                                            False)
-        _bump_versions(training, running_mean, running_var, num_batches_tracked)
-        return forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, stride,
-                            padding, groups, eps, momentum, training, save=False)[0]
+        return _GroupedConvBNReLU.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                        stride, padding, groups, eps, momentum, training, False)
 
 
 def _check_modules(conv, bn):

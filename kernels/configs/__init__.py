@@ -101,14 +101,18 @@ def load_table(path):
     return kernels
 
 
+def tables_of(device_name, capability):
+    """Table paths of a GPU, most specific first: its own, then its architecture family's."""
+    major, minor = capability
+    return TABLES / f"{table_name(device_name)}.json", TABLES / f"sm_{major}{minor}.json"
+
+
 @lru_cache(maxsize=None)
 def device_tables(device):
-    """Table paths for a device, most specific first: a CUDA GPU's own, then its architecture
-    family's; none elsewhere."""
+    """``tables_of`` the CUDA GPU ``device``; none elsewhere."""
     if device.type != "cuda":
         return ()
-    major, minor = torch.cuda.get_device_capability(device)
-    return (TABLES / f"{table_name(torch.cuda.get_device_name(device))}.json", TABLES / f"sm_{major}{minor}.json")
+    return tables_of(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
 
 
 def table_key(kernel, named):

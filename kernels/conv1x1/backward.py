@@ -17,9 +17,10 @@ dtype of the MMA. With M = N·Ho·Wo output pixels and row m of ``a`` the input 
   w.r.t. the conv's input ``a``; the caller applies the previous layer's ReLU / BN backward.
 * ``_wgrad_kernel``: dW[co, ci] = Σ_m dz[m, co]·a[m, ci], with ``a = relu(x·in_scale + in_shift)``
   recomputed from x when PROLOGUE (the forward's prologue), else a = x. Deterministic: float32
-  partials over fixed pixel splits, each summed by tl.dot over TILES.wgrad_block_k pixels at a time in
-  order, then one torch.sum over the splits. The pixels per dot and the split edges depend on the
-  shape and the device only, never on the tuned config, so every config gives the same bits.
+  partials over fixed pixel splits, each summed by tl.dot over TILES.wgrad_block_k pixels at a time
+  in order, then the splits summed in order (``kernels.common.sum_rows``). The pixels per dot and the
+  split edges depend on the shape and the device only, never on the tuned config, so every config
+  gives the same bits.
 
 The dgrad's K tile (output channels per ``tl.dot``) is fixed by C_out for the same reason as the
 forward's (``kernels.conv1x1.forward.k_tile``): dA does not depend on the config either.

@@ -36,8 +36,6 @@ from .tiles import (aligned, channel_tiles, conv_configs, even_groups, group_cha
 from .weights import other_side_chunks, pack_weight, transposes
 
 
-
-
 @triton.jit
 def _load_dz(dz_ptr, dy_ptr, z_ptr, offs, valid, scale, shift, k1, k0, DZ_IN_MEMORY: tl.constexpr,
              CACHE: tl.constexpr = ""):
@@ -267,7 +265,7 @@ def _bwd_dw_kernel(
 
 
 def conv3x3_dgrad(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=None, config=None, relu_bn=None,
-            packed=None):
+                  packed=None):
     """dx (channels-last, z's dtype) of the grouped conv; dz read from ``dz`` when given, else rebuilt
     from (dy, z). ``weight`` may be float32 with half-precision activations (autocast's master
     weights): it is packed in z's dtype.
@@ -315,7 +313,7 @@ def conv3x3_dgrad(dy, z, weight, coeffs, x_shape, groups, stride, padding, dz=No
 
 
 def conv3x3_wgrad(x, dy, z, weight, coeffs, groups, stride, padding, dz=None, config=None, in_scale=None,
-            in_shift=None):
+                  in_shift=None):
     """dw (weight's shape and dtype) of the grouped conv; dz read from ``dz`` when given, else
     rebuilt from (dy, z). Float32 partials per pixel split, summed in a fixed order. With
     ``in_scale``/``in_shift`` the conv's input was relu(x·in_scale + in_shift) (the fused

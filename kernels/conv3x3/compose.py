@@ -27,11 +27,31 @@ FOLDED = VersionedCache()  # inference: frozen BatchNorms folded into (mean, inv
 _CONSTANT = {}  # (value, C, device) -> a (C,) float32 vector, for BatchNorms without affine parameters
 
 
-def _constant(value, c, device):
+def constant(value, c, device):
+    """A (C,) float32 vector of ``value``, made once per (value, C, device): γ = 1 and β = 0 of a
+    BatchNorm without affine parameters (never written to)."""
     key = (value, c, device)
     if key not in _CONSTANT:
         _CONSTANT[key] = torch.full((c,), value, device=device, dtype=torch.float32)
     return _CONSTANT[key]
+
+
+def packed_weight(weight, groups, dtype, reuse):
+    """``forward.pack_for_forward(weight, groups, dtype)``: reused while ``weight`` is unchanged when
+    ``reuse`` (inference), else packed afresh (training: the weights change between steps, and the
+    backward keeps this packing)."""
+    if not reuse:
+        return forward.pack_for_forward(weight, groups, dtype)
+    return PACKED.get((weight,), (groups, dtype), lambda: forward.pack_for_forward(weight, groups, dtype))
+
+
+def frozen_fold(gamma, beta, running_mean, running_var, eps, reuse):
+    """``bn_fold`` of a BatchNorm with frozen statistics: reused while its tensors are unchanged when
+    ``reuse`` (inference), else a tensor of this call's own (kept for a backward)."""
+    if not reuse:
+        return bn_fold(gamma, beta, running_mean, running_var, eps)
+    return FOLDED.get((gamma, beta, running_mean, running_var), eps,
+                      lambda: bn_fold(gamma, beta, running_mean, running_var, eps))
 
 
 def out_shape(x, weight, stride, padding):
@@ -71,29 +91,23 @@ def forward_pass(x, weight, bn_weight, bn_bias, running_mean, running_var, num_b
         return y, z, stats if stats is None else stats.zero_(), packed
     _, _, ho, wo = out_shape(x, weight, stride, padding)
     y_strides = output_strides(x, weight, (n, c_out, ho, wo))
-    gamma = bn_weight if bn_weight is not None else _constant(1.0, c_out, x.device)
-    beta = bn_bias if bn_bias is not None else _constant(0.0, c_out, x.device)
+    gamma = bn_weight if bn_weight is not None else constant(1.0, c_out, x.device)
+    beta = bn_bias if bn_bias is not None else constant(0.0, c_out, x.device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    if save:  # the weights change between training steps: packed afresh, kept for the backward
-        packed = forward.pack_for_forward(weight, groups, x.dtype)
-    else:
-        packed = PACKED.get((weight,), (groups, x.dtype), lambda: forward.pack_for_forward(weight, groups, x.dtype))
+    packed = packed_weight(weight, groups, x.dtype, reuse=not save)
     z = None
     if training:
         store = forward.STORE_Z if save else forward.STORE_NOTHING
         z, partials = forward.conv3x3_forward(x_cl, weight, groups, stride, padding, store=store, compute_stats=True,
-                                           packed=packed)
+                                              packed=packed)
         stats = bn_stats(partials, n * ho * wo, gamma, beta, running_mean, running_var, eps, momentum,
                          num_batches_tracked)
-    elif save:  # frozen statistics, kept with z for the backward: a tensor of this call's own
-        stats = bn_fold(gamma, beta, running_mean, running_var, eps)
     else:
-        stats = FOLDED.get((gamma, beta, running_mean, running_var), eps,
-                           lambda: bn_fold(gamma, beta, running_mean, running_var, eps))
+        stats = frozen_fold(gamma, beta, running_mean, running_var, eps, reuse=not save)
     _, _, scale, shift = stats
     if not save:
         y, _ = forward.conv3x3_forward(x_cl, weight, groups, stride, padding, store=forward.STORE_BN_RELU,
-                                    scale=scale, shift=shift, packed=packed)
+                                       scale=scale, shift=shift, packed=packed)
         return with_strides(y, y_strides), None, None, None
     if z is None:
         z, _ = forward.conv3x3_forward(x_cl, weight, groups, stride, padding, store=forward.STORE_Z, packed=packed)
@@ -132,10 +146,10 @@ def backward_pass(dy, x, weight, z, stats, packed, stride, padding, groups, trai
     dz = pointwise.bn_relu_bwd(dy, z, coeffs) if TILES.materialize_dz and (need_x or need_w) else None
     if need_x:
         dx = backward.conv3x3_dgrad(dy, z, weight, coeffs, x.shape, groups, stride, padding, dz=dz,
-                              packed=(packed, packed.shape[1]))
+                                    packed=(packed, packed.shape[1]))
         dx = with_strides(dx, grad_strides(x))
     if need_w:
         dw = backward.conv3x3_wgrad(x.contiguous(memory_format=torch.channels_last), dy, z, weight, coeffs, groups,
-                              stride, padding, dz=dz)
+                                    stride, padding, dz=dz)
     # dγ = Σ g·x̂ and dβ = Σ g, exactly what the reduction produced
     return dx, dw, sum_gx, sum_g

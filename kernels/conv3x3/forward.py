@@ -123,7 +123,7 @@ def pack_for_forward(weight, groups, dtype):
 
 
 def conv3x3_forward(x, weight, groups, stride, padding, *, store, scale=None, shift=None,
-                 compute_stats=False, in_scale=None, in_shift=None, config=None, packed=None):
+                    compute_stats=False, in_scale=None, in_shift=None, config=None, packed=None):
     """Launch ``_fwd_kernel`` on channels-last ``x``; returns (out or None, stats partials or None).
 
     ``out`` is an (N, C_out, Ho, Wo) channels-last tensor of x's dtype; the partials are what

@@ -84,7 +84,7 @@ TILE_BYTES_BUDGET = 16 * 1024
 
 # Float32 accumulator elements per thread a config may hold. Past it, 64-wide tiles spilled:
 # dgrad at BLOCK_M=128 with 4 warps (64 per thread, plus dz rebuilt in float32), 255 registers and
-# 48-144 bytes of spill stores and loads (sm_90, triton 3.9, benchmarks/results/compile-sm90.md).
+# 48-144 bytes of spill stores and loads (sm_90, triton 3.9, benchmarks/results/compile-sm90-triton3.9.md).
 ACC_PER_THREAD_BUDGET = 32
 
 
