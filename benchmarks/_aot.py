@@ -369,32 +369,15 @@ MODES = {
 }
 
 
-def block_inplanes(shape):
-    """Input channels of the ResNeXt bottlenecks whose grouped conv is ``shape``: a stride-2 shape is
-    its stage's first block (projection from planes·2 channels); a stride-1 shape the identity blocks
-    (planes·4), and at stage 1 also the network's first block (a stride-1 projection from 64)."""
-    planes = 64 * 2 ** (shape.stage - 1)
-    if shape.stride == 2:
-        return [planes * 2]
-    return [planes * 4] + ([planes] if shape.stage == 1 else [])
-
-
 def _run_block(mode, shape, n, dtype):
-    """The fused bottlenecks (kernels/bottleneck.py) whose grouped conv is ``shape`` (``block_inplanes``)."""
-    import torch.nn as nn
-
-    import resnext
+    """The fused bottlenecks (kernels/bottleneck.py) whose grouped conv is ``shape``
+    (``benchmarks.shapes.block_inplanes``)."""
+    from benchmarks.shapes import block_inplanes, bottleneck_of
     from kernels.bottleneck import fused_bottleneck
 
     training, grad, backward = MODES[mode]
-    planes = 64 * 2 ** (shape.stage - 1)
-    wpg = shape.channels * 64 // (planes * shape.groups)
     for inplanes in block_inplanes(shape):
-        down = None
-        if shape.stride == 2 or inplanes != planes * 4:
-            down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, shape.stride, bias=False),
-                                 nn.BatchNorm2d(planes * 4))
-        block = resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg).train(training)
+        block = bottleneck_of(shape, inplanes).train(training)
         x = torch.empty((n, inplanes, shape.size, shape.size), dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(grad)

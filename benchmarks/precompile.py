@@ -21,10 +21,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from benchmarks.compile_report import BLOCK_MODES
 from benchmarks.shapes import ARCHS, block_shapes
 
-OP_MODES = ("inference", "train", "train_no_grad")
-BLOCK_MODES = ("block_inference", "block_train")
+OP_MODES = ("inference", "train", "train_no_grad")  # the op's modes the benchmarks and models launch
 
 
 def _job(shape, batch, dtype, modes, configs):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ARCHS", "REGNETS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "regnet_shapes",
-           "bottleneck_shapes", "conv_flops", "min_bytes", "throughput"]
+           "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops", "min_bytes", "throughput"]
 
 MODES = ("inference", "train_fwd", "train_fwd_bwd")
 
@@ -101,6 +101,33 @@ def regnet_shapes(arch: str | None = None) -> list[BlockShape]:
             shapes.append(BlockShape(name, stage, 2, width, width // group_width, size * 2))
             shapes.append(BlockShape(name, stage, 1, width, width // group_width, size))
     return shapes
+
+
+def block_inplanes(shape: BlockShape) -> list[int]:
+    """Input channels of the ResNeXt bottlenecks whose grouped conv is ``shape``: a stride-2 shape is
+    its stage's first block (projection from planes·2 channels); a stride-1 shape the identity blocks
+    (planes·4), and at stage 1 also the network's first block (a stride-1 projection from 64)."""
+    planes = 64 * 2 ** (shape.stage - 1)
+    if shape.stride == 2:
+        return [planes * 2]
+    return [planes * 4] + ([planes] if shape.stage == 1 else [])
+
+
+def bottleneck_of(shape: BlockShape, inplanes: int | None = None):
+    """The float32 ``resnext.Bottleneck`` (CPU, train mode) whose grouped conv is ``shape``, with
+    ``inplanes`` input channels (default: ``block_inplanes(shape)[0]``) and the 1x1 projection
+    shortcut wherever the stride or the channels change."""
+    import torch.nn as nn
+
+    import resnext
+
+    planes = 64 * 2 ** (shape.stage - 1)
+    wpg = shape.channels * 64 // (planes * shape.groups)
+    inplanes = inplanes or block_inplanes(shape)[0]
+    down = None
+    if shape.stride == 2 or inplanes != planes * 4:
+        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, shape.stride, bias=False), nn.BatchNorm2d(planes * 4))
+    return resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg)
 
 
 def conv_flops(shape: BlockShape, batch: int, mode: str) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.shapes import ARCHS, block_shapes
+from benchmarks.shapes import ARCHS, block_shapes, bottleneck_of
 
 DTYPES = ("bfloat16", "float16", "float32")
 MODES = ("inference", "train", "block_train", "block_inference")
@@ -69,22 +69,6 @@ class Tuner:
         return best
 
 
-def _bottleneck(shape, training):
-    """The float32 ResNeXt bottleneck whose grouped conv is ``shape`` (stride 2: its stage's first block)."""
-    import torch.nn as nn
-
-    import resnext
-
-    planes = 64 * 2 ** (shape.stage - 1)
-    wpg = shape.channels * 64 // (planes * shape.groups)
-    inplanes = planes * 2 if shape.stride == 2 else planes * 4
-    down = None
-    if shape.stride == 2:
-        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, 2, bias=False), nn.BatchNorm2d(planes * 4))
-    block = resnext.Bottleneck(inplanes, planes, shape.stride, down, shape.groups, wpg).cuda().train(training)
-    return block.to(memory_format=torch.channels_last), inplanes
-
-
 def run_mode(shape, batch, dtype, mode):
     """One call (and backward) of the op or the fused bottleneck at ``shape``, on the GPU."""
     from kernels.bottleneck import fused_bottleneck
@@ -92,8 +76,8 @@ def run_mode(shape, batch, dtype, mode):
 
     training, grad = mode in ("train", "block_train"), mode in ("train", "block_train")
     if mode.startswith("block"):  # as models run it: float32 parameters, autocast to ``dtype``
-        block, inplanes = _bottleneck(shape, training)
-        x = torch.randn(batch, inplanes, shape.size, shape.size, device="cuda")
+        block = bottleneck_of(shape).cuda().train(training).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, block.conv1.in_channels, shape.size, shape.size, device="cuda")
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_(grad)
         with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype, enabled=dtype != torch.float32):
             y = fused_bottleneck(x, block)

@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.precompile import BLOCK_MODES, OP_MODES
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = {"window": 480, "window2": 270}
@@ -79,8 +81,6 @@ class Step:
     fill: bool = False  # takes whatever time is left (the tuning)
 
 
-OP = ("inference", "train", "train_no_grad")
-BLOCK = ("block_inference", "block_train")
 PYTEST = PY + ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
@@ -94,9 +94,9 @@ PLANS = {
         Step("versions", 20, PY + ["-m", "benchmarks.window", "versions"]),
         Step("precompile", 60, PY + ["-m", "benchmarks.precompile", "--arch", ARCH, "--dtype", "bfloat16", "float16",
                                      "--jobs", "16"],
-             compiles=[(ARCH, ("bfloat16", "float16"), OP + BLOCK, "chosen", 16)]),
+             compiles=[(ARCH, ("bfloat16", "float16"), OP_MODES + BLOCK_MODES, "chosen", 16)]),
         Step("smoke", 90, PYTEST + ["-m", "gpu_smoke", "-rs", "tests/"], log="tests.txt",
-             compiles=[(ARCH, ("bfloat16", "float16"), ("inference", "train") + BLOCK, "chosen", 0)],
+             compiles=[(ARCH, ("bfloat16", "float16"), ("inference", "train") + BLOCK_MODES, "chosen", 0)],
              cases=[("smoke", ARCH, None)]),
         _bench("blocks", "test_block_bench.py", 100,
                f"{ARCH} and bfloat16 and (inference or train_fwd_bwd) and not compile", "--bench-dtypes", "bfloat16",
@@ -106,7 +106,7 @@ PLANS = {
                compiles=[(ARCH, ("bfloat16",), ("train", "block_train"), "chosen", 0)],
                cases=[("bottleneck", ARCH, (("train_fwd_bwd",), ("cudnn", "fused_conv", "fused_block")))]),
         _bench("models-256", "test_model_bench.py", 70, f"{ARCH} and not compile", "--bench-batch", "256",
-               compiles=[(ARCH, ("bfloat16",), ("inference", "train") + BLOCK, "chosen", 0)],
+               compiles=[(ARCH, ("bfloat16",), ("inference", "train") + BLOCK_MODES, "chosen", 0)],
                cases=[("model", ARCH, (256, ("cudnn", "fused", "fused_block")))]),
         _bench("models-32", "test_model_bench.py", 60, f"{ARCH} and not compile", "--bench-batch", "32",
                cases=[("model", ARCH, (32, ("cudnn", "fused", "fused_block")))]),
@@ -119,7 +119,8 @@ PLANS = {
              cases=[("trainer", ARCH, 2)]),
         Step("tune", 0, PY + ["-m", "benchmarks.tune", "--arch", ARCH, "--dtype", "bfloat16", "--budget-s", "{budget}",
                               "--out", "{out}/{table}"],
-             compiles=[(ARCH, ("bfloat16",), OP + BLOCK, "kept", 16)], cases=[("tune", ARCH, None)], fill=True),
+             compiles=[(ARCH, ("bfloat16",), OP_MODES + BLOCK_MODES, "kept", 16)], cases=[("tune", ARCH, None)],
+             fill=True),
         Step("report", 20, PY + ["-m", "benchmarks.window", "report", "{out}"], cases=[("report", None, None)]),
     ],
     # the baselines the goals are judged against that window leaves out, then what else fits
