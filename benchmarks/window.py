@@ -367,6 +367,8 @@ def run(name, out):
     for step in steps:
         left = BUDGETS[name] - (time.perf_counter() - start) - (reserve if step.name != "report" else 0)
         cap = int(left) if step.fill else int(min(step.cap_s, left))
+        if step.name == "report":  # its cap was held back from the others: a late or slow-to-stop step
+            cap = step.cap_s       # (SIGINT's grace) must not cost the window its report
         if cap < (MIN_STEP_S if step.fill else min(MIN_STEP_S, step.cap_s)):
             print(f"{step.name}: skipped, {left:.0f} s left", file=log, flush=True)
             continue

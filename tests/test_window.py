@@ -56,12 +56,15 @@ def test_every_step_command_exists():
 
 
 def test_runner_caps_skips_and_packs(tmp_path, monkeypatch):
+    """Each step under its cap, a step with no time left skipped, and the report run with its reserved
+    cap even when the step that fills the budget takes a while to stop after SIGINT (as pytest does)."""
     py = [sys.executable, "-c"]
+    slow_stop = ("import sys, time\nprint('budget', sys.argv[1], flush=True)\n"
+                 "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    time.sleep(3)")
     monkeypatch.setitem(window.PLANS, "test", [
         window.Step("quick", 20, py + ["print('hello from quick')"]),
         window.Step("stuck", 3, py + ["import time; print('started', flush=True); time.sleep(60)"]),
-        window.Step("fill", 0, py + ["import sys, time; print('budget', sys.argv[1]); time.sleep(60)", "{budget}"],
-                    fill=True),
+        window.Step("fill", 0, py + [slow_stop, "{budget}"], fill=True),
         window.Step("late", 30, py + ["print('never')"]),
         window.Step("report", 2, py + ["print('report')"]),
     ])
