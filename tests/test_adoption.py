@@ -22,15 +22,15 @@ run once (timm's RegNetY, training), 56 once (torchvision's, eval mode), and eve
 import contextlib
 import copy
 import functools
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import _standins as S
 import resnext
+from _patched import (ConvCalls, assert_same_structure, assert_unpatched, conv2_weight, model_blocks, one_warning,
+                      randomize_bn)
 from resnext import patch
 
 
@@ -44,33 +44,8 @@ def _kernels():
 
 
 def _randomize(model, seed=0):
-    """Non-trivial affine parameters and running statistics in every BatchNorm-like module (plain, Act,
-    Sync, Frozen: whatever holds running statistics), so that no BatchNorm is the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if getattr(m, "running_mean", None) is not None and getattr(m, "weight", None) is not None:
-                c = m.running_mean.numel()
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-    return model
-
-
-class _ConvCalls(TorchDispatchMode):
-    """Every convolution PyTorch runs, forward and backward: ``(weight data_ptr, groups)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:  # (x, w, bias, stride, padding, dilation, ..., groups)
-            self.calls.append((args[1].data_ptr(), args[8]))
-        elif func is torch.ops.aten.convolution_backward.default:  # (dy, x, w, ..., groups, output_mask)
-            self.calls.append((args[2].data_ptr(), args[9]))
-        return func(*args, **(kwargs or {}))
+    """No BatchNorm the identity (``_patched.randomize_bn``), from ``seed``."""
+    return randomize_bn(model, torch.Generator().manual_seed(seed))
 
 
 def _grouped(calls):
@@ -81,7 +56,7 @@ def _step(model, x, head, spy=True):
     """One forward and backward of ``(model(x) * head).sum()``: {"y", "dx", "d.<param>", "b.<buffer>"},
     and the convolutions PyTorch ran."""
     x = x.clone().requires_grad_()
-    convs = _ConvCalls()
+    convs = ConvCalls()
     with convs if spy else contextlib.nullcontext():
         y = model(x)
         (y * head.to(y.dtype)).sum().backward()
@@ -114,72 +89,36 @@ def _assert_within_2x_pytorch(ours, eager, exact):
         assert err <= 2 * torch_err + floor, f"{k}: {err:.3g} vs PyTorch's {torch_err:.3g}"
 
 
-def _blocks(model):
-    return [m for m in model.modules() if patch.block_kind(m) is not None]
-
-
 def _fused_weights(model):
     """data_ptr of the weight of every grouped 3x3 conv the fused op computes, block by block."""
-    ptrs = set()
-    for b in _blocks(model):
-        kind = patch.block_kind(b)
-        if kind == "timm.models.regnet.Bottleneck":
-            ptrs.add(b.conv2.conv.weight.data_ptr())
-        elif kind == "torchvision.models.regnet.ResBottleneckBlock":
-            ptrs.add(b.f.b[0].weight.data_ptr())
-        else:
-            ptrs.add(b.conv2.weight.data_ptr())
-    return ptrs
-
-
-def _assert_same_structure(model, ref):
-    """Same classes, state_dict keys, parameter and buffer names as an unpatched twin."""
-    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
-    assert list(model.state_dict()) == list(ref.state_dict())
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
-    assert [n for n, _ in model.named_buffers()] == [n for n, _ in ref.named_buffers()]
-
-
-def _assert_unpatched(model):
-    assert not any(patch.is_patched(b) for b in _blocks(model))
-    assert not any("forward" in vars(m) for m in model.modules())
+    return {conv2_weight(b).data_ptr() for b in model_blocks(model)}
 
 
 def _check_fused_model(ref, model, x, head):
     """``model`` is ``ref`` patched at the conv level: the same structure, our step within 2x PyTorch's
     error, no grouped conv (nor any patched conv) left to PyTorch; after unfuse_kernels, every grouped
     conv back in PyTorch."""
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     assert blocks and all(patch.patched_level(b) == "conv" for b in blocks)
-    _assert_same_structure(model, ref)
+    assert_same_structure(model, ref)
     ours, eager, exact, convs, eager_convs = _three_steps(ref, model, x, head)
     fused = _fused_weights(model)
-    assert fused <= {w for w, _ in _convs_of(eager_convs, ref, model)}  # the spy sees the eager ones
+    assert fused <= {c[0] for c in _convs_of(eager_convs, ref, model)}  # the spy sees the eager ones
     assert not _grouped(convs), "a grouped convolution ran in PyTorch"
     assert not [c for c in convs if c[0] in fused], "a patched convolution ran in PyTorch"
     _assert_within_2x_pytorch(ours, eager, exact)
     assert resnext.unfuse_kernels(model) is model
-    _assert_unpatched(model)
-    _assert_same_structure(model, ref)
+    assert_unpatched(model)
+    assert_same_structure(model, ref)
     _, back = _step(model, x, head)
     assert len(_grouped(back)) == len(_grouped(eager_convs)) > 0
-    assert fused <= {w for w, _ in back}
+    assert fused <= {c[0] for c in back}
 
 
 def _convs_of(calls, ref, model):
     """``calls`` of ``ref``, with ``ref``'s weights named by ``model``'s (its deep copy's) pointers."""
     ptr = {p.data_ptr(): q.data_ptr() for p, q in zip(ref.parameters(), model.parameters())}
-    return [(ptr.get(w, w), g) for w, g in calls]
-
-
-def _one_warning(fn):
-    """Call ``fn``; return the text of the one fuse_kernels warning it gave (asserting there was one)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn()
-    caught = [str(w.message) for w in caught if "fuse_kernels" in str(w.message)]
-    assert len(caught) == 1, caught
-    return caught[0]
+    return [(ptr.get(w, w), *rest) for w, *rest in calls]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +178,7 @@ def test_regnet_patch_is_on_the_conv_norm_act_and_survives_deepcopy(device):
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
     resnext.unfuse_kernels(clone)
-    _assert_unpatched(clone)
+    assert_unpatched(clone)
     assert all(patch.is_patched(b) for b in model)
 
 
@@ -328,7 +267,7 @@ def test_regnet_refusals_name_the_block_and_why(case):
     assert "the fused op cannot compute 1 of its 2 blocks exactly, nothing was changed" in msg
     assert f"\n  s1 ({kind}): {why}" in msg and "fuse_kernels(model, strict=False)" in msg
     assert not any(patch.is_patched(b) for b in model)
-    text = _one_warning(lambda: resnext.fuse_kernels(model, strict=False))
+    text = one_warning(lambda: resnext.fuse_kernels(model, strict=False))
     assert "left 1 of 2 blocks of Sequential to PyTorch" in text and f"s1 ({kind}): {why}" in text
     assert not patch.is_patched(model.s1) and patch.is_patched(model.s2)
     resnext.unfuse_kernels(model)
@@ -348,7 +287,7 @@ def test_one_warning_names_every_block_left_to_pytorch():
         resnext.fuse_kernels(model)
     assert "\n  s2.b1 (timm.models.regnet.Bottleneck): conv2.bn.drop is DropBlock2d" in str(err.value)
     assert "\n  s2.b2 (timm.models.regnet.Bottleneck): conv2.bn.drop is DropBlock2d" in str(err.value)
-    text = _one_warning(lambda: resnext.fuse_kernels(model, strict=False))
+    text = one_warning(lambda: resnext.fuse_kernels(model, strict=False))
     assert text == ("fuse_kernels: left 2 of 3 blocks of RegNet to PyTorch: s2.b1, s2.b2 (timm.models.regnet."
                     "Bottleneck): conv2.bn.drop is DropBlock2d (it sits between the BatchNorm and the ReLU)")
     assert [patch.is_patched(b) for b in (model.s1.b1, model.s2.b1, model.s2.b2)] == [True, False, False]
@@ -367,7 +306,7 @@ def test_a_model_changed_after_patching_raises_rather_than_computing_something_e
     with pytest.raises(ValueError, match="conv2.bn is torch.nn.modules.batchnorm.SyncBatchNorm"):
         resnext.fuse_kernels(model)
     resnext.unfuse_kernels(model)
-    _assert_unpatched(model)
+    assert_unpatched(model)
     resnet = resnext.fuse_kernels(S.TimmResNet(), level="block").to(device)
     resnet.layer1[0].se = S.SEModule(32)
     with pytest.raises(ValueError, match="Bottleneck was patched by resnext.fuse_kernels and has changed since: se is "
@@ -402,7 +341,7 @@ def test_se_resnext_at_the_conv_level(device):
     torch.manual_seed(0)
     ref = _randomize(S.TimmResNet(attn_layer="se")).to(device).train()
     model = resnext.fuse_kernels(copy.deepcopy(ref))
-    assert all(type(b.se) is S.SEModule for b in _blocks(model))
+    assert all(type(b.se) is S.SEModule for b in model_blocks(model))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=gen).to(device)
     head = torch.randn(2, 64, 4, 4, generator=gen).to(device)
@@ -480,7 +419,7 @@ BLOCK_MODELS = {"tv": lambda: S.TvResNet(), "timm": lambda: S.TimmResNet()}
 def _hook_calls(model):
     """Record every call of a conv or BatchNorm inside a block (none when the block runs in kernels)."""
     calls = []
-    for b in _blocks(model):
+    for b in model_blocks(model):
         for m in b.modules():
             if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
                 m.register_forward_hook(lambda m, a, o: calls.append(m))
@@ -495,10 +434,10 @@ def test_thirdparty_resnext_at_the_block_level(lib, train, device):
     torch.manual_seed(0)
     ref = _randomize(BLOCK_MODELS[lib]()).to(device).train(train)
     model = resnext.fuse_kernels(copy.deepcopy(ref), level="block")
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     assert len(blocks) == 2 and all(patch.patched_level(b) == "block" for b in blocks)
     assert blocks[0].downsample is not None and blocks[1].downsample is not None  # 16 -> 32, then stride 2
-    _assert_same_structure(model, ref)
+    assert_same_structure(model, ref)
     calls = _hook_calls(model)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=gen).to(device)
@@ -509,7 +448,7 @@ def test_thirdparty_resnext_at_the_block_level(lib, train, device):
     assert not calls, "a PyTorch conv or BatchNorm ran inside a fused block"
     _assert_within_2x_pytorch(ours, eager, exact)
     resnext.unfuse_kernels(model)
-    _assert_unpatched(model)
+    assert_unpatched(model)
     with torch.no_grad():
         model(x)
     assert len(calls) == 2 * 6 + 2 * 2  # conv1-3, bn1-3 and the downsample's pair, per block
@@ -520,12 +459,12 @@ def test_levels_switch_in_place():
     stacked. patch_block and unfusable_reason refuse what they do not do, naming the argument."""
     ours = resnext.Bottleneck(64, 16, groups=4, width_per_group=16)
     model = nn.Sequential(S.TvResNet(), S.TimmResNet(), ours)
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     for level in ("conv", "block", "conv", "block"):
         resnext.fuse_kernels(model, level=level)
         assert all(patch.patched_level(b) == level for b in blocks) and ours.fused_kernels == level
     resnext.unfuse_kernels(model)
-    _assert_unpatched(model)
+    assert_unpatched(model)
     assert not ours.fused_kernels
     regnet = _timm_regnet()
     with pytest.raises(ValueError, match="cannot patch Bottleneck at level='block': level='block' runs torchvision's"):
@@ -573,7 +512,7 @@ def test_block_level_refusals_name_the_block_and_why(case):
     the error says where the conv level still applies, and it does."""
     build, n_refused, why, conv_ok = BLOCK_REFUSED[case]
     model = build()
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     with pytest.raises(ValueError) as err:
         resnext.fuse_kernels(model, level="block")
     msg = str(err.value)
@@ -585,7 +524,7 @@ def test_block_level_refusals_name_the_block_and_why(case):
     assert ("level='conv' (the default) fuses the grouped conv + BN + ReLU of" in msg) == conv_ok, msg
     assert not any(patch.is_patched(b) for b in blocks)
     if n_refused < len(blocks):
-        text = _one_warning(lambda: resnext.fuse_kernels(model, level="block", strict=False))
+        text = one_warning(lambda: resnext.fuse_kernels(model, level="block", strict=False))
         assert f"left {n_refused} of {len(blocks)} blocks" in text and why in text
         assert sorted(patch.patched_level(b) or "" for b in blocks) == ["", "block"]
     else:  # nothing to fuse at this level: an error even when not strict
