@@ -51,6 +51,8 @@ def report_name(blocks=False, triton_version=None):
     """``compile-sm90[-blocks]-triton<major.minor>``: the file stem of a report."""
     version = ".".join(re.findall(r"\d+", triton_version or metadata.version("triton"))[:2])
     return f"{NAME}{'-blocks' if blocks else ''}-triton{version}"
+
+
 DTYPES = ("bfloat16", "float16", "float32")
 # narrowest groups at stride 1 and widest groups at stride 2: the extremes of tiles and paths
 QUICK_SHAPES = (("resnext50_32x4d", "stage1"), ("resnext101_32x8d", "stage4/s2"))
@@ -144,10 +146,11 @@ def _sort_key(r, order):
 def write_markdown(path, meta, records, failures):
     what = "the fused bottleneck launches" if meta.get("blocks") else "the op launches"
     flags = "".join(f" {f}" for f in meta.get("flags", [])) or (" --quick" if meta["quick"] else "")
+    fp32 = "in TF32 (torch.backends.cudnn.allow_tf32, on by default)" if meta["float32_tf32"] else "in IEEE float32"
     md = [f"# sm_90 compile report: every kernel {what}, compiled without a GPU", "",
           f"`python -m benchmarks.compile_report{flags}` with triton {meta['triton']} "
           f"for `{meta['target']}`, batch {meta['batch']}, {len(records)} compiles in {meta['runtime_s']:.0f} s; "
-          f"float32 convs {'in TF32 (torch.backends.cudnn.allow_tf32, on by default)' if meta['float32_tf32'] else 'in IEEE float32'}. "
+          f"float32 convs {fp32}. "
           f"kernels_hash `{meta['kernels_hash'][:16]}…`: stale when it differs from the hash of `kernels/**/*.py` "
           "(`tests/test_compile_sm90.py` checks).", "",
           "Each row is one kernel (and the constexpr variant that tells its launches apart) at one ResNeXt "
@@ -200,17 +203,19 @@ def write_markdown(path, meta, records, failures):
             launched = "same" if chosen is b else config_label(chosen["config"]) if chosen else "-"
             flags = [f"spill {config_label(r['config'])} ({r['spill_bytes']} B)" for r in recs
                      if r["kept"] and not r["error"] and r["spill_bytes"]]
-            flags += [f"SHARED {config_label(r['config'])}" for r in recs if r["kept"] and not r["error"] and r["over_shared"]]
+            flags += [f"SHARED {config_label(r['config'])}" for r in recs
+                      if r["kept"] and not r["error"] and r["over_shared"]]
             flags += [f"ERROR {config_label(r['config'])}" for r in recs if r["kept"] and r["error"]]
+            head = f"| {arch} | {stage} | `{kernel}` | {variant or '-'} | {sum(r['kept'] for r in recs)}/{len(recs)} "
+            tail = f"| {launched} | {'; '.join(flags)} |"
             if b["error"]:
-                md.append(f"| {arch} | {stage} | `{kernel}` | {variant or '-'} | {sum(r['kept'] for r in recs)}/{len(recs)} "
-                          f"| {config_label(b['config'])} | | | | | | | | {launched} | {'; '.join(flags)} |")
+                md.append(f"{head}| {config_label(b['config'])} | | | | | | | {tail}")
                 continue
+            mma = b["mma"] + (" " + b["mma_shape"] if b["mma_shape"] else "")
             md.append(
-                f"| {arch} | {stage} | `{kernel}` | {variant or '-'} | {sum(r['kept'] for r in recs)}/{len(recs)} "
-                f"| {config_label(b['config'])} | {b['registers']} | {b['spill_bytes']} | {b['shared_bytes'] / 1024:.1f} "
-                f"| {b['ctas_per_sm']} ({_LIMITER[b['ctas_limited_by']]}) | {b['mma']}{' ' + b['mma_shape'] if b['mma_shape'] else ''} "
-                f"| {b['loads'].replace('_ptr', '') or '-'} | {launched} | {'; '.join(flags)} |")
+                f"{head}| {config_label(b['config'])} | {b['registers']} | {b['spill_bytes']} "
+                f"| {b['shared_bytes'] / 1024:.1f} | {b['ctas_per_sm']} ({_LIMITER[b['ctas_limited_by']]}) | {mma} "
+                f"| {b['loads'].replace('_ptr', '') or '-'} {tail}")
     path.write_text("\n".join(md) + "\n")
 
 

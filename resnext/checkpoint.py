@@ -196,14 +196,14 @@ def why_unloadable(path: str, error: Exception) -> str:
 
 # What a training resume reads from ``last.pt``; ``best.pt`` and bare state dicts hold weights only.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "partial", "best_top1", "rng",
-                "config")
+               "config")
 
 
 def check_resumable(ckpt: dict, path: str) -> None:
     """Training resumes only from a full checkpoint (``last.pt``): say what a lesser one lacks."""
     if "optimizer" not in ckpt and ("model" in ckpt or ckpt and all(map(torch.is_tensor, ckpt.values()))):
         raise CheckpointError(f"--resume {path}: holds weights only (no config or optimizer state); use it with "
-                         "--eval-only")
+                              "--eval-only")
     missing = [key for key in RESUME_KEYS if key not in ckpt]
     if missing:
         raise CheckpointError(f"--resume {path}: not a training checkpoint: it lacks {', '.join(missing)}")

@@ -14,9 +14,8 @@ Every aggregated transformation (grouped 3x3 conv -> BN -> ReLU) can run as one 
 ``fuse_kernels(model)`` flips a plain bool on every :class:`Bottleneck`, so no module, parameter,
 buffer or state_dict key changes, and ``unfuse_kernels(model)`` flips it back. The same two calls
 patch torchvision's and timm's ResNet/ResNeXt bottlenecks and RegNet blocks in place
-(``resnext/patch.py``). The
-kernels are imported lazily, so ``import resnext`` never imports Triton kernels and a caller can
-still switch Triton's interpreter on first (``kernels.auto_select_backend()``).
+(``resnext/patch.py``). The kernels are imported lazily, so ``import resnext`` never imports Triton
+kernels and a caller can still switch Triton's interpreter on first (``kernels.auto_select_backend()``).
 """
 
 import warnings
