@@ -48,3 +48,35 @@ def tiles(request):
     else:
         with gpu_tiles():
             yield request.param
+
+
+def _fixed_order_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    """The interpreter's ``tl.dot`` with each output's sum in the order of K alone: a float32 product
+    added for k = 0, 1, ..., K-1 (exact products, one rounding per addition), then ``d`` added, as
+    Triton's own ``create_dot`` adds it after ``np.matmul``."""
+    import numpy as np
+
+    if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
+        raise NotImplementedError("fixed_order_dot: 8-bit operands")
+    out = d.data.dtype
+    a_data, b_data = a.data.astype(out, copy=False), b.data.astype(out, copy=False)
+    acc = a_data[..., :, 0:1] * b_data[..., 0:1, :]
+    product = np.empty_like(acc)
+    for k in range(1, a_data.shape[-1]):
+        np.multiply(a_data[..., :, k:k + 1], b_data[..., k:k + 1, :], out=product)
+        acc += product
+    return type(d)(acc + d.data, d.dtype.scalar)
+
+
+@pytest.fixture
+def fixed_order_dot(monkeypatch):
+    """For tests that compare the bits of two configs: under the interpreter ``tl.dot`` is numpy's
+    ``matmul``, and whether an output's sum depends on the tile's M and N is the BLAS kernel's choice
+    (OpenBLAS's Haswell sgemm, e.g. on AMD EPYC: a row of A @ B changes with the rows beside it; its
+    SkylakeX kernel does not). A GPU's MMA sums each output in an order set by K, whatever the tile:
+    this makes the interpreter's dot do the same (16x slower than matmul, so only where asked)."""
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        monkeypatch.setattr(InterpreterBuilder, "create_dot", _fixed_order_dot)
+    yield

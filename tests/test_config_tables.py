@@ -68,6 +68,7 @@ def _kept(seen):
     return configs.kept_configs(kernel, dict(zip(kernel.arg_names, args)), meta)
 
 
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_lookup_order_gpu_table_then_architecture_then_heuristic(launched, tmp_path, device):
     z0, _ = _forward(device)
     kernel = launched[0][0]
@@ -119,6 +120,7 @@ def test_bad_table_warns_once_and_falls_back(problem, launched, tmp_path, device
     assert launched[-1][3] is heuristic
 
 
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_resnext_autotune_hands_the_choice_to_triton(launched, monkeypatch, device):
     z0, _ = _forward(device)
     monkeypatch.setattr(configs, "AUTOTUNE", True)
@@ -134,6 +136,7 @@ def test_table_name_from_the_device_name():
     assert configs.table_name("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100_SXM4_80GB"
 
 
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_tune_records_the_fastest_kept_config_within_its_budget(launched, monkeypatch, device):
     """benchmarks.tune's tuner times every kept config of a new key (do_bench stands in here: no GPU),
     records the fastest, launches it, and once its budget is spent tunes nothing more."""

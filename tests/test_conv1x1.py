@@ -98,6 +98,7 @@ def test_output_and_statistics(shape, dtype, prologue, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_statistics_do_not_depend_on_the_config(dtype, device):
     """Two forced configs (different pixel and channel tiles: 2x3 programs vs one) give the same
     bits: the K tile, hence each float32 sum's order, is fixed by C_in, and chunks by STATS_ROWS."""

@@ -183,6 +183,7 @@ WGRAD_CONFIGS = [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, nu
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_results_do_not_depend_on_the_config(dtype, stride, device):
     """The dA K tile and the dW pixels per dot are fixed by the shape: the same bits either way."""
     shape = (2, 24, 40, 7, 9, stride)  # M = 126 (stride 1): two 64-pixel tiles, the second ragged
@@ -196,6 +197,7 @@ def test_results_do_not_depend_on_the_config(dtype, stride, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_wgrad_over_several_splits(dtype, device, monkeypatch):
     """The GPU's 64 pixels per dot and several pixel splits (2 full ones of 2 dots each and a
     ragged last) under the interpreter: right, and the same bits for both configs."""

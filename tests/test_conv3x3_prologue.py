@@ -82,6 +82,7 @@ def test_weight_gradient_recomputes_the_activation(shape, dtype, device):
     assert_close(dw, w64.grad, dtype, "dweight")
 
 
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_every_config_gives_the_same_bits_with_the_prologue(device):
     """Forced configs of both kernels agree bit for bit with the prologue on, as without it."""
     x, weight, s, t, groups, stride = _problem((2, 16, 16, 4, 7, 6, 1), torch.float32, device)

@@ -152,6 +152,7 @@ def _configs(**tiles):
             for values in zip(*tiles.values())]
 
 
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_epilogue_sums_do_not_depend_on_the_pixel_tile(device):
     """Two forced pixel tiles (64 and 128 pixels, both whole statistics chunks): the same bits."""
     z_in, bn, dy, z, coeffs, weight, groups, stride = _grouped_problem((2, 32, 32, 1, 12, 11, 2),

@@ -186,6 +186,7 @@ def test_prune_keeps_a_config_within_budget(per_group, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 16, 13, 11, 16, 4, 1), (2, 15, 9, 7, 30, 5, 2)], ids=str)
+@pytest.mark.usefixtures("fixed_order_dot")
 def test_configs_agree_bitwise(shape, dtype, device):
     """Whatever config autotuning picks, every kernel gives the same bits: the statistics are
     reduced per fixed 64-pixel chunk by a fixed tree, the weight gradient in fixed pixel blocks
