@@ -365,13 +365,14 @@ def run(name, out):
     steps = PLANS[name]
     reserve = next((s.cap_s for s in steps if s.name == "report"), 0)
     for step in steps:
-        left = BUDGETS[name] - (time.perf_counter() - start) - (reserve if step.name != "report" else 0)
-        cap = int(left) if step.fill else int(min(step.cap_s, left))
         if step.name == "report":  # its cap was held back from the others: a late or slow-to-stop step
             cap = step.cap_s       # (SIGINT's grace) must not cost the window its report
-        if cap < (MIN_STEP_S if step.fill else min(MIN_STEP_S, step.cap_s)):
-            print(f"{step.name}: skipped, {left:.0f} s left", file=log, flush=True)
-            continue
+        else:
+            left = BUDGETS[name] - (time.perf_counter() - start) - reserve
+            cap = int(left) if step.fill else int(min(step.cap_s, left))
+            if cap < (MIN_STEP_S if step.fill else min(MIN_STEP_S, step.cap_s)):
+                print(f"{step.name}: skipped, {left:.0f} s left", file=log, flush=True)
+                continue
         argv = [a.format(out=out, budget=max(1, cap - 15), table=table) for a in step.argv]
         target = out / "raw" / (step.log or f"{step.name}.log")
         before, t0 = _cache_files(), time.perf_counter()
