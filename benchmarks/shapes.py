@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ARCHS", "REGNETS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "regnet_shapes",
-           "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops", "min_bytes", "throughput"]
+           "stage_planes", "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops", "min_bytes", "throughput"]
 
 MODES = ("inference", "train_fwd", "train_fwd_bwd")
 
@@ -39,6 +39,12 @@ REGNETS = {
 
 IMAGE_SIZE = 224
 STEM_REDUCTION = 4  # 7x7/2 conv then 3x3/2 max-pool: stage 1 runs at 224 / 4 = 56
+
+
+def stage_planes(stage: int) -> int:
+    """A ResNet/ResNeXt bottleneck's ``planes`` at ``stage`` (1..4): 64, 128, 256, 512 (its output is
+    planes·4 channels)."""
+    return 64 * 2 ** (stage - 1)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ def block_shapes(arch: str | None = None) -> list[BlockShape]:
     for name in ([arch] if arch else ARCHS):
         _, groups, width_per_group = ARCHS[name]
         for stage in range(1, 5):
-            planes = 64 * 2 ** (stage - 1)
+            planes = stage_planes(stage)
             width = int(planes * width_per_group / 64) * groups
             size = IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
             if stage > 1:
@@ -107,7 +113,7 @@ def block_inplanes(shape: BlockShape) -> list[int]:
     """Input channels of the ResNeXt bottlenecks whose grouped conv is ``shape``: a stride-2 shape is
     its stage's first block (projection from planes·2 channels); a stride-1 shape the identity blocks
     (planes·4), and at stage 1 also the network's first block (a stride-1 projection from 64)."""
-    planes = 64 * 2 ** (shape.stage - 1)
+    planes = stage_planes(shape.stage)
     if shape.stride == 2:
         return [planes * 2]
     return [planes * 4] + ([planes] if shape.stage == 1 else [])
@@ -121,7 +127,7 @@ def bottleneck_of(shape: BlockShape, inplanes: int | None = None):
 
     import resnext
 
-    planes = 64 * 2 ** (shape.stage - 1)
+    planes = stage_planes(shape.stage)
     wpg = shape.channels * 64 // (planes * shape.groups)
     inplanes = inplanes or block_inplanes(shape)[0]
     down = None
@@ -198,8 +204,8 @@ def bottleneck_shapes():
     out = []
     for arch, (_, groups, wpg) in ARCHS.items():
         for stage in range(1, 5):
-            planes = 64 * 2 ** (stage - 1)
-            size = 56 // 2 ** (stage - 1)
+            planes = stage_planes(stage)
+            size = IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
             stride = 1 if stage == 1 else 2
             inplanes = 64 if stage == 1 else planes * 2
             out.append((arch, stage, stride, inplanes, planes, groups, wpg, size * stride))

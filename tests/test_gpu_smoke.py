@@ -19,7 +19,7 @@ import torch
 
 import resnext
 from _helpers import INTERPRET, TOL, rel_errors
-from benchmarks.shapes import block_inplanes, block_shapes
+from benchmarks.shapes import block_inplanes, block_shapes, stage_planes
 from kernels.bottleneck import fused_bottleneck
 from kernels.grouped_conv_bn_relu import grouped_conv_bn_relu
 from test_bottleneck import _block
@@ -74,7 +74,7 @@ def test_op(shape, dtype, training, device):
 def test_bottleneck(shape, dtype, training, device):
     """Under autocast, as models run it. Inside the block the ReLUs' kinks see rounded inputs, so the
     gradients are judged against PyTorch's own autocast error: at most twice it (plus one ulp)."""
-    planes, inplanes = 64 * 2 ** (shape.stage - 1), block_inplanes(shape)[0]
+    planes, inplanes = stage_planes(shape.stage), block_inplanes(shape)[0]
     block = _block(inplanes, planes, shape.stride, shape.groups, 4).train(training).to(device)
     eager, exact = copy.deepcopy(block), copy.deepcopy(block).double()
     g = torch.Generator().manual_seed(10 + shape.stage)
