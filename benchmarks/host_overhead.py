@@ -37,9 +37,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.shapes import ARCHS, block_shapes
-
-MODES = ("inference", "train_fwd", "train_fwd_bwd")
+from benchmarks.shapes import ARCHS, MODES, block_shapes
 
 
 def _calls(module, x, dy, mode):
