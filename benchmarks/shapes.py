@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ARCHS", "REGNETS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "regnet_shapes",
-           "stage_planes", "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops", "min_bytes", "throughput"]
+           "stage_planes", "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops", "min_bytes",
+           "throughput"]
 
 MODES = ("inference", "train_fwd", "train_fwd_bwd")
 
