@@ -44,6 +44,12 @@ def conv2_weight(block: nn.Module) -> torch.Tensor:
     return block.conv2.weight
 
 
+def fused_weights(model: nn.Module) -> set[int]:
+    """data_ptr of the weight of every grouped 3x3 conv the fused op computes, block by block (what a
+    ``ConvCalls`` entry's first field is matched against)."""
+    return {conv2_weight(b).data_ptr() for b in model_blocks(model)}
+
+
 class ConvCalls(TorchDispatchMode):
     """Every convolution PyTorch runs, forward and backward: ``(weight data_ptr, groups, kernel size)``."""
 

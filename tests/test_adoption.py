@@ -29,7 +29,7 @@ import torch.nn as nn
 
 import _standins as S
 import resnext
-from _patched import (ConvCalls, assert_same_structure, assert_unpatched, conv2_weight, model_blocks, one_warning,
+from _patched import (ConvCalls, assert_same_structure, assert_unpatched, fused_weights, model_blocks, one_warning,
                       randomize_bn)
 from resnext import patch
 
@@ -89,11 +89,6 @@ def _assert_within_2x_pytorch(ours, eager, exact):
         assert err <= 2 * torch_err + floor, f"{k}: {err:.3g} vs PyTorch's {torch_err:.3g}"
 
 
-def _fused_weights(model):
-    """data_ptr of the weight of every grouped 3x3 conv the fused op computes, block by block."""
-    return {conv2_weight(b).data_ptr() for b in model_blocks(model)}
-
-
 def _check_fused_model(ref, model, x, head):
     """``model`` is ``ref`` patched at the conv level: the same structure, our step within 2x PyTorch's
     error, no grouped conv (nor any patched conv) left to PyTorch; after unfuse_kernels, every grouped
@@ -102,7 +97,7 @@ def _check_fused_model(ref, model, x, head):
     assert blocks and all(patch.patched_level(b) == "conv" for b in blocks)
     assert_same_structure(model, ref)
     ours, eager, exact, convs, eager_convs = _three_steps(ref, model, x, head)
-    fused = _fused_weights(model)
+    fused = fused_weights(model)
     assert fused <= {c[0] for c in _convs_of(eager_convs, ref, model)}  # the spy sees the eager ones
     assert not _grouped(convs), "a grouped convolution ran in PyTorch"
     assert not [c for c in convs if c[0] in fused], "a patched convolution ran in PyTorch"

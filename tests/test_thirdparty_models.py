@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import kernels
 import resnext
-from _patched import (ConvCalls, assert_same_structure, assert_unpatched, conv2_weight, model_blocks, one_warning,
+from _patched import (ConvCalls, assert_same_structure, assert_unpatched, fused_weights, model_blocks, one_warning,
                       randomize_bn)
 from resnext import patch
 
@@ -145,7 +145,7 @@ def _assert_step_matches(model, ref, out, dx, out_ref, dx_ref):
 def _assert_no_conv2_left(calls, model):
     """No convolution PyTorch ran used a block's conv2 weight, and none was grouped except timm's
     anti-aliasing blur (a fixed depthwise 3x3 filter that follows the fused part)."""
-    conv2 = {conv2_weight(b).data_ptr() for b in model_blocks(model)}
+    conv2 = fused_weights(model)
     blur = {m.filt.data_ptr() for m in model.modules() if type(m).__name__ == "BlurPool2d"}
     assert not [c for c in calls if c[0] in conv2], "a conv2 ran in PyTorch"
     assert not [c for c in calls if c[1] > 1 and c[0] not in blur], "a grouped convolution ran in PyTorch"
@@ -230,7 +230,7 @@ def test_patched_matches_unpatched(name, train, request, device):
     out_ref, dx_ref, convs_ref = _run(ref, x, head)
     out, dx, convs = _run(model, x, head)
 
-    assert {c[0] for c in convs_ref} >= {conv2_weight(b).data_ptr() for b in model_blocks(ref)}  # the spy sees them
+    assert {c[0] for c in convs_ref} >= fused_weights(ref)  # the spy sees them
     _assert_no_conv2_left(convs, model)
     # float32 both; the differences are float32 reductions summed in another order
     _assert_step_matches(model, ref, out, dx, out_ref, dx_ref)
