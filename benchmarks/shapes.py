@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ARCHS", "REGNETS", "MODES", "BOTTLENECK_MODES", "BlockShape", "block_shapes", "regnet_shapes",
-           "stage_planes", "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops", "min_bytes",
-           "throughput"]
+           "stage_planes", "stage_size", "block_inplanes", "bottleneck_of", "bottleneck_shapes", "conv_flops",
+           "min_bytes", "throughput"]
 
 MODES = ("inference", "train_fwd", "train_fwd_bwd")
 
@@ -46,6 +46,12 @@ def stage_planes(stage: int) -> int:
     """A ResNet/ResNeXt bottleneck's ``planes`` at ``stage`` (1..4): 64, 128, 256, 512 (its output is
     planes·4 channels)."""
     return 64 * 2 ** (stage - 1)
+
+
+def stage_size(stage: int) -> int:
+    """The side of the feature map a stage's stride-1 blocks run at, for ``stage`` 1..4 of a 224-pixel
+    image: 56, 28, 14, 7 (a stride-2 first block takes twice that in)."""
+    return IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def block_shapes(arch: str | None = None) -> list[BlockShape]:
         for stage in range(1, 5):
             planes = stage_planes(stage)
             width = int(planes * width_per_group / 64) * groups
-            size = IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
+            size = stage_size(stage)
             if stage > 1:
                 shapes.append(BlockShape(name, stage, 2, width, groups, size * 2))
             shapes.append(BlockShape(name, stage, 1, width, groups, size))
@@ -104,7 +110,7 @@ def regnet_shapes(arch: str | None = None) -> list[BlockShape]:
     for name in ([arch] if arch else REGNETS):
         widths, group_width = REGNETS[name]
         for stage, width in enumerate(widths, 1):
-            size = IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
+            size = stage_size(stage)
             shapes.append(BlockShape(name, stage, 2, width, width // group_width, size * 2))
             shapes.append(BlockShape(name, stage, 1, width, width // group_width, size))
     return shapes
@@ -206,7 +212,7 @@ def bottleneck_shapes():
     for arch, (_, groups, wpg) in ARCHS.items():
         for stage in range(1, 5):
             planes = stage_planes(stage)
-            size = IMAGE_SIZE // STEM_REDUCTION // 2 ** (stage - 1)
+            size = stage_size(stage)
             stride = 1 if stage == 1 else 2
             inplanes = 64 if stage == 1 else planes * 2
             out.append((arch, stage, stride, inplanes, planes, groups, wpg, size * stride))
