@@ -73,8 +73,9 @@ def fixed_order_dot(monkeypatch):
     """For tests that compare the bits of two configs: under the interpreter ``tl.dot`` is numpy's
     ``matmul``, and whether an output's sum depends on the tile's M and N is the BLAS kernel's choice
     (OpenBLAS's Haswell sgemm, picked on an AMD EPYC: a row of A @ B changes with the rows beside it;
-    the machines before gave the same bits). A GPU's MMA sums each output in an order set by K, whatever the tile:
-    this makes the interpreter's dot do the same (16x slower than matmul, so only where asked)."""
+    the machines before gave the same bits). A GPU's MMA sums each output in an order set by K,
+    whatever the tile: this makes the interpreter's dot do the same (16x slower than matmul, so only
+    where asked)."""
     if INTERPRET:
         from triton.runtime.interpreter import InterpreterBuilder
 
